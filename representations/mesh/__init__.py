@@ -1,0 +1,1 @@
+"""Triangle meshes: rasterizer, mesh I/O, UV baking and export."""

@@ -1,0 +1,1 @@
+"""Backend registrations for mesh ops (rasterize). Filled in by the mesh work."""

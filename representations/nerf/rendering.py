@@ -1,0 +1,117 @@
+"""Volume rendering over packed samples: ray marching with empty-space skipping, compositing.
+
+Samples are "packed": a flat list sorted by ray, with `ray_indices` (S,) naming each sample's ray.
+The torch functions here are the reference backends of the "march" and "composite" ops.
+
+Compositing: alpha_i = 1 - exp(-sigma_i delta_i), T_i = prod_{j<i} (1 - alpha_j)
+= exp(-sum_{j<i} sigma_j delta_j), w_i = T_i alpha_i; colour = sum w_i c_i, opacity = sum w_i,
+depth = sum w_i t_i, normal = sum w_i n_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Samples:
+    ray_indices: Tensor  # (S,) int64, sorted
+    t_mid: Tensor  # (S,) distance of the sample point along its ray
+    deltas: Tensor  # (S,) interval length
+    n_rays: int
+
+
+@dataclass
+class Composited:
+    weights: Tensor  # (S,)
+    rgb: Tensor  # (R, 3)
+    opacity: Tensor  # (R, 1)
+    depth: Tensor  # (R, 1)
+    normal: Tensor | None  # (R, 3)
+
+
+def ray_sphere_bounds(origins: Tensor, dirs: Tensor, radius: float, min_near: float = 0.05) -> tuple[Tensor, Tensor, Tensor]:
+    """Entry and exit distances of unit-direction rays through a centred sphere, and a hit mask."""
+    b = (origins * dirs).sum(-1)
+    c = (origins * origins).sum(-1) - radius * radius
+    disc = b * b - c
+    hit = disc > 0
+    root = disc.clamp_min(0).sqrt()
+    near = (-b - root).clamp_min(min_near)
+    far = -b + root
+    hit = hit & (far > near)
+    return near, torch.where(hit, far, near), hit
+
+
+def exclusive_segment_cumsum(values: Tensor, ray_indices: Tensor, n_rays: int) -> Tensor:
+    """sum_{j<i, same ray} values_j for sorted packed samples (float64 to avoid cancellation)."""
+    v = values.double()
+    total = torch.cumsum(v, 0)
+    exclusive = total - v
+    # Value of `exclusive` at each ray's first sample: subtract it to restart the sum per ray.
+    first = torch.full((n_rays,), -1, dtype=torch.long, device=values.device)
+    positions = torch.arange(values.shape[0], device=values.device)
+    first = first.scatter_reduce(0, ray_indices, positions, reduce="amin", include_self=False)
+    start = exclusive[first.clamp_min(0)]
+    return (exclusive - start[ray_indices]).to(values.dtype)
+
+
+def composite_torch(
+    sigmas: Tensor,
+    rgbs: Tensor,
+    samples: Samples,
+    normals: Tensor | None = None,
+) -> Composited:
+    """Reference compositing of packed samples (differentiable in sigmas, rgbs and normals)."""
+    n_rays, idx = samples.n_rays, samples.ray_indices
+    tau = sigmas * samples.deltas
+    alpha = 1 - torch.exp(-tau)
+    transmittance = torch.exp(-exclusive_segment_cumsum(tau, idx, n_rays))
+    weights = alpha * transmittance
+
+    def accumulate(values: Tensor) -> Tensor:
+        out = torch.zeros(n_rays, values.shape[-1], dtype=values.dtype, device=values.device)
+        return out.index_add(0, idx, weights[:, None] * values)
+
+    rgb = accumulate(rgbs)
+    opacity = accumulate(torch.ones_like(tau)[:, None])
+    depth = accumulate(samples.t_mid[:, None])
+    normal = accumulate(normals) if normals is not None else None
+    return Composited(weights, rgb, opacity, depth, normal)
+
+
+def march_torch(
+    origins: Tensor,
+    dirs: Tensor,
+    near: Tensor,
+    far: Tensor,
+    n_samples: int,
+    occupied: "OccupancyQuery | None",
+    jitter: bool,
+) -> Samples:
+    """Stratified samples between near and far, keeping only those in occupied cells.
+
+    origins, dirs: (R, 3); near, far: (R,). Rays with far <= near produce no samples.
+    """
+    n_rays = origins.shape[0]
+    u = torch.arange(n_samples, dtype=origins.dtype, device=origins.device)
+    u = u + (torch.rand(n_rays, n_samples, device=origins.device) if jitter else 0.5)
+    span = (far - near)[:, None]
+    t_mid = near[:, None] + span * (u / n_samples)
+    deltas = (span / n_samples).expand(-1, n_samples)
+    keep = (far > near)[:, None].expand(-1, n_samples)
+    if occupied is not None:
+        points = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]
+        keep = keep & occupied(points.reshape(-1, 3)).view(n_rays, n_samples)
+    ray_indices = torch.arange(n_rays, device=origins.device)[:, None].expand(-1, n_samples)
+    return Samples(ray_indices[keep], t_mid[keep], deltas[keep], n_rays)
+
+
+class OccupancyQuery:
+    """Callable protocol: points (P, 3) -> bool (P,) occupied."""
+
+    def __call__(self, points: Tensor) -> Tensor:  # pragma: no cover - protocol
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Backend registrations for fused NeRF kernels (Triton, tiny-cuda-nn, nerfacc). Filled in by the kernel work."""
