@@ -15,8 +15,10 @@ from typing import Callable
 
 import torch
 
+from distill3d.engine.errors import UserError
 
-class BackendUnavailable(RuntimeError):
+
+class BackendUnavailable(UserError):
     pass
 
 
@@ -54,7 +56,8 @@ def resolve_op(op: str, backend: str, device: torch.device | str) -> Callable:
 
 @lru_cache(maxsize=None)
 def _resolve(op: str, backend: str, device_type: str) -> Callable:
-    return _OPS[op][choose(op, backend, torch.device(device_type))].load()
+    name = choose(op, backend, torch.device(device_type))
+    return _OPS[op][name].load()
 
 
 def choose(op: str, backend: str, device: torch.device) -> str:

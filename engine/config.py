@@ -15,8 +15,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from distill3d.engine.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the config: the message names the key."""
 
 

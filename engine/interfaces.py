@@ -148,6 +148,10 @@ class Guidance(nn.Module):
         self.config = config
         self.ctx = ctx
 
+    def active(self, step: int) -> bool:
+        """Whether this guidance contributes at this step (e.g. a reference loss every N steps)."""
+        return True
+
     def views(self, step: int) -> tuple[Cameras, RenderSettings] | None:
         """Cameras this guidance needs rendered for itself (e.g. the reference view), or None to
         use the shared random views of the step."""

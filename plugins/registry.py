@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from distill3d.engine.errors import UserError
+
 GROUPS = {
     "representation": "distill3d.representations",
     "guidance": "distill3d.guidance",
@@ -24,7 +26,7 @@ GROUPS = {
 }
 
 
-class PluginError(RuntimeError):
+class PluginError(UserError):
     """A plugin that cannot be found, is ambiguous, or fails to load."""
 
 

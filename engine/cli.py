@@ -1,0 +1,261 @@
+"""The `distill3d` command line: demo, generate, resume, export, recipes, plugins, doctor.
+
+Every error a user can cause ends in one clear line on stderr and a non-zero exit code;
+set DISTILL3D_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from distill3d.engine.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="distill3d: turn 2D diffusion priors into 3D assets by score distillation.",
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn user errors into one line; keep tracebacks for DISTILL3D_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = os.environ.get("DISTILL3D_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except UserError as exc:
+            if debug:
+                raise
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:  # noqa: BLE001
+            if debug:
+                raise
+            _fail(_describe_unexpected(exc), 1)
+
+    return wrapper
+
+
+def _describe_unexpected(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if "out of memory" in str(exc).lower():
+        return (
+            f"{text}\nThe GPU ran out of memory. Lower trainer.resolution or trainer.batch_size "
+            "(--set trainer.resolution=64 --set trainer.batch_size=1), keep mixed precision on, or use the "
+            "prior's memory options (e.g. --set guidance.0.prior.attention_slicing=true)."
+        )
+    return f"{text}\n(unexpected; run again with DISTILL3D_DEBUG=1 for the traceback and report it)"
+
+
+def _default_out(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _run_and_report(trainer) -> None:
+    typer.echo(f"run directory: {trainer.run_dir}", err=True)
+    result = trainer.fit()
+    if result.interrupted:
+        typer.echo(f"stopped at step {result.completed_steps}; checkpoint written. Continue with: distill3d resume {result.run_dir}", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"finished {result.completed_steps} steps in {result.seconds:.1f} s -> {result.run_dir}", err=True)
+    if result.eval is not None:
+        typer.echo(f"eval: psnr {result.eval['psnr']:.2f} dB, mask_iou {result.eval['mask_iou']:.4f}", err=True)
+
+
+@app.command()
+@friendly_errors
+def demo(
+    scene: Optional[Path] = typer.Option(None, help="Scene file (JSON/YAML primitives); default: the shipped scene."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: the recipe's)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/demo-<time>)."),
+    set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+):
+    """Offline demo: oracle score distillation of an analytic scene into a NeRF, on CPU, no weights."""
+    from distill3d.engine.recipe import load_recipe_data, resolve_recipe
+    from distill3d.engine.reference_scene import DEFAULT_SCENE
+    from distill3d.engine.trainer import Trainer
+
+    data = load_recipe_data("oracle-nerf", set_)
+    data["reference"] = str(scene if scene is not None else DEFAULT_SCENE)
+    data["seed"] = seed
+    if steps is not None:
+        data.setdefault("trainer", {})["steps"] = steps
+    recipe = resolve_recipe(data)
+    _run_and_report(Trainer.create(recipe, out or _default_out("demo"), quiet))
+
+
+def _apply_generate_options(data: dict, model: Optional[str], perp_neg: bool) -> None:
+    """--model and --perp-neg act on every guidance entry whose prior takes them."""
+    for entry in data.get("guidance", []):
+        if model is not None and isinstance(entry.get("prior"), dict):
+            entry["prior"]["model"] = model
+        if perp_neg:
+            if entry.get("name") != "sds":
+                raise UserError("--perp-neg needs an 'sds' guidance in the recipe")
+            entry["name"] = "sds-perp-neg"
+
+
+@app.command()
+@friendly_errors
+def generate(
+    prompt: str = typer.Argument(..., help="What to make, e.g. 'a DSLR photo of a corgi'."),
+    recipe: str = typer.Option("dreamfusion-sd", help="Recipe name (see `distill3d recipes`) or a .yaml path."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<recipe>-<time>)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: the recipe's)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default: the recipe's)."),
+    model: Optional[str] = typer.Option(None, help="Diffusion model: hub id or local diffusers folder."),
+    negative: Optional[str] = typer.Option(None, help="Negative prompt."),
+    perp_neg: bool = typer.Option(False, "--perp-neg", help="Use Perp-Neg against multi-face (Janus) results."),
+    reference: Optional[Path] = typer.Option(None, help="Reference file (scene for oracle recipes)."),
+    set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+):
+    """Text-to-3D (or any recipe): optimise a 3D representation for PROMPT."""
+    from distill3d.engine.recipe import load_recipe_data, recipe_path, resolve_recipe
+    from distill3d.engine.trainer import Trainer
+
+    if not prompt.strip():
+        raise UserError("the prompt is empty; say what to make, e.g. distill3d generate \"a DSLR photo of a corgi\"")
+    data = load_recipe_data(recipe, set_)
+    data["prompt"] = prompt
+    if negative is not None:
+        data["negative_prompt"] = negative
+    if seed is not None:
+        data["seed"] = seed
+    if steps is not None:
+        data.setdefault("trainer", {})["steps"] = steps
+    if reference is not None:
+        data["reference"] = str(reference)
+    _apply_generate_options(data, model, perp_neg)
+    resolved = resolve_recipe(data)
+    _run_and_report(Trainer.create(resolved, out or _default_out(recipe_path(recipe).stem), quiet))
+
+
+@app.command()
+@friendly_errors
+def resume(
+    run_dir: Path = typer.Argument(..., help="Run directory to continue."),
+    set_: List[str] = typer.Option([], "--set", help="Override key.path=value for the rest of the run."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+):
+    """Continue an interrupted run from its last checkpoint (or redo missing outputs of a finished one)."""
+    from distill3d.engine.trainer import Trainer
+
+    trainer = Trainer.resume(run_dir, set_, quiet)
+    if trainer.start_step >= trainer.recipe.trainer.steps:
+        typer.echo(f"{run_dir} already finished ({trainer.start_step} steps); rewriting its outputs", err=True)
+        trainer.finish()
+        return
+    typer.echo(f"resuming at step {trainer.start_step}", err=True)
+    _run_and_report(trainer)
+
+
+@app.command()
+@friendly_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    format: str = typer.Option("mp4", "--format", help="mp4 | gif"),
+    frames: Optional[int] = typer.Option(None, help="Turntable frames (default: the recipe's)."),
+    resolution: Optional[int] = typer.Option(None, help="Image/texture resolution (default: the recipe's)."),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: RUN_DIR/turntable.<format>)."),
+):
+    """Export a run: turntable video (mp4, gif)."""
+    from distill3d.engine.trainer import Trainer
+    from distill3d.engine.video import render_turntable, write_video
+
+    fmt = format.lower()
+    if fmt not in ("mp4", "gif"):
+        raise UserError(f"unknown export format {format!r}; available: mp4, gif")
+    trainer = Trainer.resume(run_dir, quiet=True)
+    if trainer.start_step == 0:
+        raise UserError(f"{run_dir} has no checkpoint yet; nothing to export")
+    tc = trainer.recipe.trainer
+    trainer.representation.eval()
+    images = render_turntable(trainer.representation, trainer.sampler, frames or tc.video_frames, resolution or tc.video_resolution)
+    path = out or Path(run_dir) / f"turntable.{fmt}"
+    write_video(images, path, tc.video_fps)
+    typer.echo(str(path))
+
+
+@app.command()
+@friendly_errors
+def recipes():
+    """List the shipped recipes."""
+    from distill3d.engine.config import load_yaml
+    from distill3d.engine.recipe import RECIPE_DIR, available_recipes
+
+    for name in available_recipes():
+        description = load_yaml(RECIPE_DIR / f"{name}.yaml").get("description", "")
+        typer.echo(f"{name:24s} {description}")
+
+
+@app.command()
+@friendly_errors
+def plugins():
+    """List registered plugins, the distribution providing each, and whether it loads."""
+    from distill3d.plugins.registry import GROUPS, Registry
+
+    for kind, group in GROUPS.items():
+        typer.echo(f"{kind} ({group}):")
+        registry = Registry(kind)
+        for info in registry.infos():
+            problem = registry.check(info.name)
+            status = "ok" if problem is None else f"FAILED: {problem}"
+            typer.echo(f"  {info.name:20s} {info.distribution:20s} {info.value}  [{status}]")
+
+
+@app.command()
+@friendly_errors
+def doctor():
+    """What is installed and which backend each hot op will use."""
+    import importlib
+    import platform
+
+    import torch
+
+    from distill3d.engine import backends
+
+    typer.echo(f"python     {platform.python_version()} on {platform.machine()} ({os.cpu_count()} CPUs)")
+    typer.echo(f"torch      {torch.__version__}, {torch.get_num_threads()} threads")
+    cuda = torch.cuda.is_available()
+    typer.echo(f"cuda       {'yes: ' + torch.cuda.get_device_name(0) if cuda else 'no'}")
+    for module in ("triton", "tinycudann", "nerfacc", "nvdiffrast", "gsplat", "diffusers", "transformers", "xatlas", "trimesh", "imageio_ffmpeg"):
+        try:
+            mod = importlib.import_module(module)
+            version = getattr(mod, "__version__", "installed")
+            typer.echo(f"{module:10s} {version}")
+        except Exception as exc:  # noqa: BLE001 - tiny-cuda-nn raises EnvironmentError without CUDA
+            typer.echo(f"{module:10s} not available ({type(exc).__name__})")
+    device = torch.device("cuda" if cuda else "cpu")
+    typer.echo(f"\nbackends on {device} (auto choice first):")
+    for op, chosen, status in backends.describe(device):
+        others = ", ".join(f"{name}: {'ok' if why is None else why}" for name, why in status)
+        typer.echo(f"  {op:14s} -> {chosen:8s} ({others})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Hash-grid NeRF (Instant-NGP encoding, DreamFusion-style density and albedo).
+
+Field: positions in the bounding sphere -> hash encoding -> small MLP -> (density, albedo).
+Rendering: rays through pixel centres, stratified samples inside the sphere, samples in empty
+occupancy-grid cells skipped before the network runs, compositing over packed samples, then the
+background. Hot ops go through distill3d.engine.backends so fused kernels can replace them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill3d.engine.backends import resolve_op
+from distill3d.engine.cameras import Cameras, pixel_rays
+from distill3d.engine.interfaces import BuildContext, RenderOutput, RenderSettings, Representation
+from distill3d.engine.schedules import Schedule, ScheduleSpec
+from distill3d.representations.background import Background, BackgroundConfig
+from distill3d.representations.nerf.hash_encoding import HashEncoding, HashEncodingConfig, per_level_scale_for
+from distill3d.representations.nerf.occupancy import OccupancyConfig, OccupancyGrid
+from distill3d.representations.nerf.rendering import Samples, ray_sphere_bounds
+from distill3d.representations.shading import ShadingConfig, light_directions, pick_training_mode, shade, validate_mix
+
+
+class TruncExp(torch.autograd.Function):
+    """exp with a gradient clamped at 15 (Instant-NGP's density activation)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.exp(x.clamp(max=15))
+
+
+@dataclass
+class NeRFConfig:
+    radius: float = 1.0  # bounding sphere of the scene
+    # Hash encoding (Instant-NGP defaults: 16 levels x 2, 2^19, 16 -> 2048).
+    levels: int = 16
+    features_per_level: int = 2
+    log2_table_size: int = 19
+    base_resolution: int = 16
+    max_resolution: int = 2048
+    hidden_dim: int = 64
+    hidden_layers: int = 2
+    density_activation: Literal["softplus", "trunc_exp"] = "softplus"
+    # Density "blob" added before the activation: DreamFusion scale*exp(-|x|^2/(2 sigma^2)),
+    # Magic3D scale*(1 - |x|/sigma).
+    density_blob: Literal["dreamfusion", "magic3d", "none"] = "magic3d"
+    blob_scale: float = 10.0
+    blob_radius: float = 0.5
+    samples_per_ray: int = 64
+    occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    shading: ShadingConfig = field(default_factory=ShadingConfig)
+    normal_eps: float = 0.01  # finite-difference step (world units)
+    lr_encoding: float = 0.01
+    lr_network: float = 0.001
+    lr_background: float = 0.001
+    # Regularisers (weights may be scheduled): orientation (Ref-NeRF/DreamFusion) and opacity
+    # sparsity (mean opacity).
+    orientation_weight: ScheduleSpec = 0.0
+    opacity_weight: ScheduleSpec = 0.0
+    # Kernel backends: "auto" or a backend name (see `distill3d doctor`).
+    hash_encoding_backend: str = "auto"
+    composite_backend: str = "auto"
+    march_backend: str = "auto"
+    chunk_rays: int = 1 << 15  # rays per chunk when rendering without gradients
+
+
+class HashGridNeRF(Representation):
+    Config = NeRFConfig
+
+    def __init__(self, config: NeRFConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        validate_mix(config.shading.train_mix)
+        enc = HashEncodingConfig(
+            levels=config.levels,
+            features=config.features_per_level,
+            log2_table_size=config.log2_table_size,
+            base_resolution=config.base_resolution,
+            per_level_scale=per_level_scale_for(config.base_resolution, config.max_resolution, config.levels),
+        )
+        self.encoding = HashEncoding(enc, backend=config.hash_encoding_backend)
+        layers: list[nn.Module] = []
+        width = self.encoding.output_dim
+        for _ in range(config.hidden_layers):
+            layers += [nn.Linear(width, config.hidden_dim), nn.ReLU(inplace=True)]
+            width = config.hidden_dim
+        layers.append(nn.Linear(width, 4))
+        self.network = nn.Sequential(*layers)
+        self.occupancy = OccupancyGrid(config.occupancy, config.radius)
+        self.background = Background(config.background)
+        total = ctx.total_steps
+        self.orientation_weight = Schedule.parse(config.orientation_weight, "representation.orientation_weight").resolve(total)
+        self.opacity_weight = Schedule.parse(config.opacity_weight, "representation.opacity_weight").resolve(total)
+        self.to(ctx.device)
+
+    # ----- field -------------------------------------------------------------------------
+    def _normalized(self, points: Tensor) -> Tensor:
+        return (points / self.config.radius + 1) * 0.5
+
+    def _density_bias(self, points: Tensor) -> Tensor:
+        c = self.config
+        r2 = (points * points).sum(-1)
+        if c.density_blob == "dreamfusion":
+            return c.blob_scale * torch.exp(-r2 / (2 * c.blob_radius**2))
+        if c.density_blob == "magic3d":
+            return c.blob_scale * (1 - r2.sqrt() / c.blob_radius)
+        return torch.zeros_like(r2)
+
+    def _activate_density(self, raw: Tensor) -> Tensor:
+        if self.config.density_activation == "trunc_exp":
+            return TruncExp.apply(raw)
+        return F.softplus(raw)
+
+    def field(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Density (P,) and albedo (P, 3) at world points (P, 3)."""
+        h = self.network(self.encoding(self._normalized(points)))
+        sigma = self._activate_density(h[:, 0] + self._density_bias(points))
+        return sigma, torch.sigmoid(h[:, 1:])
+
+    def density(self, points: Tensor) -> Tensor:
+        return self.field(points)[0]
+
+    def normals(self, points: Tensor) -> Tensor:
+        """Unit normals -grad(density) by central finite differences (P, 3)."""
+        eps = self.config.normal_eps
+        offsets = torch.eye(3, device=points.device) * eps
+        shifted = torch.cat([points[:, None] + offsets, points[:, None] - offsets], 1).reshape(-1, 3)
+        d = self.density(shifted).view(-1, 2, 3)
+        grad = (d[:, 0] - d[:, 1]) / (2 * eps)
+        return -F.normalize(grad, dim=-1, eps=1e-8)
+
+    # ----- rendering ---------------------------------------------------------------------
+    @property
+    def step_size(self) -> float:
+        return 2 * self.config.radius / self.config.samples_per_ray
+
+    def update(self, step: int) -> None:
+        self.occupancy.update(step, self.density, self.step_size)
+
+    def _render_rays(self, origins: Tensor, dirs: Tensor, image_of_ray: Tensor, light: Tensor, mode: str, need_normals: bool, training: bool):
+        c = self.config
+        near, far, _ = ray_sphere_bounds(origins, dirs, c.radius)
+        march = resolve_op("march", c.march_backend, origins.device)
+        occupied = self.occupancy if self.occupancy.active() else None
+        samples: Samples = march(origins, dirs, near, far, c.samples_per_ray, occupied, training)
+        idx = samples.ray_indices
+        points = origins[idx] + dirs[idx] * samples.t_mid[:, None]
+        sigma, albedo = self.field(points)
+        normals = self.normals(points) if (need_normals or mode in ("lambertian", "textureless", "normal")) else None
+        colour = shade(albedo, normals, light[image_of_ray[idx]], mode, c.shading)
+        composite = resolve_op("composite", c.composite_backend, origins.device)
+        comp = composite(sigma, colour, samples, normals)
+        return comp, samples, normals
+
+    def render(self, cameras: Cameras, settings: RenderSettings) -> RenderOutput:
+        c = self.config
+        b, h, w = len(cameras), settings.height, settings.width
+        origins, dirs = pixel_rays(cameras, h, w)
+        background = self.background(dirs, settings.background)
+        mode = settings.shading
+        if mode == "train":
+            mode = pick_training_mode(c.shading) if settings.training else "albedo"
+        light = light_directions(cameras.position, c.shading.light_jitter_deg, settings.training)
+        image_of_ray = torch.arange(b, device=origins.device).repeat_interleave(h * w)
+        o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
+        want_normals = settings.need_normals or (settings.training and self.orientation_weight.points[-1][1] > 0)
+        if settings.training and torch.is_grad_enabled():
+            comp, samples, normals = self._render_rays(o, d, image_of_ray, light, mode, want_normals, True)
+            chunks = [comp]
+            orientation = self._orientation_term(comp.weights, samples, normals, d) if normals is not None else None
+        else:
+            chunks, orientation = [], None
+            for start in range(0, o.shape[0], c.chunk_rays):
+                sl = slice(start, start + c.chunk_rays)
+                comp, _, _ = self._render_rays(o[sl], d[sl], image_of_ray[sl], light, mode, want_normals, settings.training)
+                chunks.append(comp)
+        rgb = torch.cat([x.rgb for x in chunks]).view(b, h, w, 3)
+        opacity = torch.cat([x.opacity for x in chunks]).view(b, h, w, 1)
+        depth = torch.cat([x.depth for x in chunks]).view(b, h, w, 1)
+        normal = torch.cat([x.normal for x in chunks]).view(b, h, w, 3) if chunks[0].normal is not None else None
+        rgb = rgb + (1 - opacity) * background
+        extras = {"shading": mode, "occupied_fraction": self.occupancy.occupied_fraction() if self.occupancy.active() else 1.0}
+        if orientation is not None:
+            extras["orientation"] = orientation
+        return RenderOutput(rgb=rgb, opacity=opacity, depth=depth, background=background, normal=normal, extras=extras)
+
+    @staticmethod
+    def _orientation_term(weights: Tensor, samples: Samples, normals: Tensor, dirs: Tensor) -> Tensor:
+        """sum_i w_i max(0, n_i . d)^2 averaged over rays: normals must not face away from the camera."""
+        facing = (normals * dirs[samples.ray_indices]).sum(-1).clamp_min(0) ** 2
+        return (weights.detach() * facing).sum() / max(samples.n_rays, 1)
+
+    # ----- training hooks ----------------------------------------------------------------
+    def regularizers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
+        terms = {}
+        w_orient = self.orientation_weight(step)
+        if w_orient > 0 and "orientation" in out.extras:
+            terms["orientation"] = w_orient * out.extras["orientation"]
+        w_opacity = self.opacity_weight(step)
+        if w_opacity > 0:
+            terms["opacity"] = w_opacity * out.opacity.mean()
+        return terms
+
+    def param_groups(self) -> list[dict]:
+        c = self.config
+        groups = [
+            {"name": "encoding", "params": list(self.encoding.parameters()), "lr": c.lr_encoding, "eps": 1e-15},
+            {"name": "network", "params": list(self.network.parameters()), "lr": c.lr_network},
+        ]
+        bg = list(self.background.parameters())
+        if bg:
+            groups.append({"name": "background", "params": bg, "lr": c.lr_background})
+        return groups
