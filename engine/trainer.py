@@ -201,7 +201,7 @@ class Trainer:
             losses.update(self.representation.regularizers(out, step))
             total = sum(losses.values())
         if not torch.isfinite(total):
-            bad = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            bad = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
             last = latest_checkpoint(self.checkpoint_dir)
             where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise NonFiniteLossError(
