@@ -177,12 +177,11 @@ def _nerfacc_unavailable(device: torch.device) -> str | None:
 
 def composite_nerfacc(sigmas, rgbs, samples, normals=None):
     """composite_torch through nerfacc's packed CUDA ops (CUDA tensors only)."""
+    if not sigmas.is_cuda:  # checked before importing: never let nerfacc JIT-build on CPU
+        raise RuntimeError("composite_nerfacc runs on CUDA tensors only")
     import nerfacc
 
     from distill3d.representations.nerf.rendering import Composited
-
-    if not sigmas.is_cuda:
-        raise RuntimeError("composite_nerfacc runs on CUDA tensors only")
     idx, n_rays = samples.ray_indices, samples.n_rays
     starts = torch.zeros_like(samples.deltas)
     weights, _, _ = nerfacc.render_weight_from_density(starts, samples.deltas, sigmas, ray_indices=idx, n_rays=n_rays)
@@ -199,13 +198,12 @@ def composite_nerfacc(sigmas, rgbs, samples, normals=None):
 
 def march_nerfacc(origins, dirs, near, far, n_samples, occupied, jitter):
     """nerfacc's grid traversal: fixed step 2 radius / n_samples; NOT march_torch's samples."""
+    if not origins.is_cuda:  # checked before importing: never let nerfacc JIT-build on CPU
+        raise RuntimeError("march_nerfacc runs on CUDA tensors only")
     import nerfacc
 
     from distill3d.representations.nerf.rendering import Samples
     from distill3d.representations.nerf.triton_kernels import occupancy_grid_of
-
-    if not origins.is_cuda:
-        raise RuntimeError("march_nerfacc runs on CUDA tensors only")
     grid_info = occupancy_grid_of(occupied) if occupied is not None else None
     if occupied is not None and grid_info is None:
         raise ValueError("the nerfacc march backend needs a grid occupancy (an OccupancyGrid) or None")
