@@ -155,11 +155,13 @@ def _visibility(verts_clip: Tensor, faces: Tensor, height: int, width: int) -> T
     A, Bx, By = _edge_coefficients(X, Y, W)
     table = torch.cat([A, Bx, By, Z, W], dim=-1).reshape(B * F, 15)[sel]  # per selected face
     count = count[sel]
-    bx0, by0, bwid = x0.reshape(-1)[sel], y0.reshape(-1)[sel], bw.reshape(-1)[sel]
-    face_of = sel % F
-    batch_of = sel // F
     csum = torch.cumsum(count, 0)
     start = csum - count
+    # Per-face integer data, expanded to pairs with repeat_interleave (sequential copies, cheaper
+    # than gathers): start of the face's pairs, bbox origin and width, pixel-index base, face id.
+    itab = torch.stack(
+        [start, x0.reshape(-1)[sel], y0.reshape(-1)[sel], bw.reshape(-1)[sel], torch.div(sel, F, rounding_mode="floor") * (height * width), sel % F], dim=1
+    )
 
     # Chunks of whole faces whose pair counts add up to at most _MAX_PAIRS (a face alone may exceed it).
     n_sel = sel.numel()
@@ -170,14 +172,14 @@ def _visibility(verts_clip: Tensor, faces: Tensor, height: int, width: int) -> T
         hi = max(hi, lo + 1)
         cnt = count[lo:hi]
         total = int(csum[hi - 1]) - base
-        owner = torch.repeat_interleave(torch.arange(lo, hi, device=device), cnt, output_size=total)
-        local = torch.arange(total, device=device) - (start[owner] - base)
-        wid = bwid[owner]
-        pxi = bx0[owner] + local % wid
-        pyi = by0[owner] + torch.div(local, wid, rounding_mode="floor")
-        xs = (pxi.float() + 0.5) * (2.0 / width) - 1.0
-        ys = 1.0 - (pyi.float() + 0.5) * (2.0 / height)
-        t = table[owner]
+        it = itab[lo:hi].repeat_interleave(cnt, dim=0, output_size=total)
+        t = table[lo:hi].repeat_interleave(cnt, dim=0, output_size=total)
+        local = torch.arange(base, base + total, device=device) - it[:, 0]
+        pyl = torch.div(local, it[:, 3], rounding_mode="floor")
+        pxi = it[:, 1] + local - pyl * it[:, 3]
+        pyi = it[:, 2] + pyl
+        xs = pxi.float().mul_(2.0 / width).add_(1.0 / width - 1.0)
+        ys = pyi.float().mul_(-2.0 / height).add_(1.0 - 1.0 / height)
         c0 = t[:, 0] + t[:, 3] * xs + t[:, 6] * ys
         c1 = t[:, 1] + t[:, 4] * xs + t[:, 7] * ys
         c2 = t[:, 2] + t[:, 5] * xs + t[:, 8] * ys
@@ -185,14 +187,15 @@ def _visibility(verts_clip: Tensor, faces: Tensor, height: int, width: int) -> T
         wn = c0 * t[:, 12] + c1 * t[:, 13] + c2 * t[:, 14]  # s * (w of the point)
         zn = c0 * t[:, 9] + c1 * t[:, 10] + c2 * t[:, 11]  # s * (z of the point)
         inside = (c0 * s >= 0) & (c1 * s >= 0) & (c2 * s >= 0) & (s != 0) & (wn * s > 0)
-        depth = zn / torch.where(inside, wn, torch.ones_like(wn))
-        inside &= (depth >= -1.0) & (depth <= 1.0)
         idx = torch.nonzero(inside).squeeze(1)
         if idx.numel():
-            o = owner[idx]
-            pix = (batch_of[o] * height + pyi[idx]) * width + pxi[idx]
-            d01 = ((depth[idx] + 1.0) * 0.5).clamp(0.0, 1.0).contiguous()
-            key = (d01.view(torch.int32).to(torch.int64) << 32) | face_of[o]
+            depth = zn[idx] / wn[idx]
+            ok = (depth >= -1.0) & (depth <= 1.0)
+            idx, depth = idx[ok], depth[ok]
+            iti = it[idx]
+            pix = iti[:, 4] + pyi[idx] * width + pxi[idx]
+            d01 = ((depth + 1.0) * 0.5).clamp(0.0, 1.0).contiguous()
+            key = (d01.view(torch.int32).to(torch.int64) << 32) | iti[:, 5]
             zbuf.scatter_reduce_(0, pix, key, reduce="amin")
         lo = hi
     return zbuf
