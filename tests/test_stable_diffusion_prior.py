@@ -1,0 +1,283 @@
+"""The Stable Diffusion prior on a tiny random-weight SD saved to disk and loaded like a user's model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill3d.engine.cameras import make_cameras
+from distill3d.engine.interfaces import BuildContext, RenderOutput
+from distill3d.guidance.priors.loading import (
+    EmptyPromptError,
+    InvalidModelFolderError,
+    ModelNotFoundError,
+    PriorError,
+    PriorOutOfMemoryError,
+)
+from distill3d.guidance.priors.stable_diffusion import (
+    StableDiffusionConfig,
+    StableDiffusionPrior,
+    model_output_to_epsilon,
+)
+from tiny_models import build_tiny_sd
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks: one intra-op thread is as fast, and far faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "model")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def ctx_for(cache_dir, prompt="a photo of a cat", negative="ugly, blurry", **kw) -> BuildContext:
+    return BuildContext(prompt=prompt, negative_prompt=negative, cache_dir=cache_dir, **kw)
+
+
+@pytest.fixture(scope="module")
+def prior(sd_dir, cache_dir) -> StableDiffusionPrior:
+    return StableDiffusionPrior(StableDiffusionConfig(model=str(sd_dir), view_negative_prompts={"back": "face"}), ctx_for(cache_dir))
+
+
+def cameras(elevation, azimuth):
+    n = len(azimuth)
+    return make_cameras(torch.tensor(elevation, dtype=torch.float32), torch.tensor(azimuth, dtype=torch.float32), torch.full((n,), 3.2), torch.full((n,), 40.0))
+
+
+def test_loads_from_folder_with_native_sizes(prior):
+    assert prior.image_size == 32 and prior.latent_size == 16 and prior.latent_channels == 4
+    assert prior.dtype == torch.float32 and prior.prediction_type == "epsilon"
+    assert prior.alphas_cumprod.shape == (1000,) and prior.num_train_timesteps == 1000
+    assert prior.scaling_factor == pytest.approx(0.18215)
+    assert not any(p.requires_grad for p in prior.parameters())
+    prior.train()
+    assert not prior.unet.training and not prior.vae.training
+
+
+def test_registered_entry_point(sd_dir, cache_dir):
+    from distill3d.plugins.registry import build_plugin
+
+    p = build_plugin("prior", {"name": "stable-diffusion", "model": str(sd_dir), "half_precision": True}, ctx_for(cache_dir), "guidance.0.prior")
+    assert isinstance(p, StableDiffusionPrior)
+    assert p.dtype == torch.float32  # half precision only on CUDA
+
+
+def test_embeddings_match_the_diffusers_pipeline(prior, sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pos, neg = pipe.encode_prompt("a photo of a cat, back view", "cpu", 1, True, negative_prompt="ugly, blurry, face")
+    c, u = prior.conditions(cameras([0.0], [180.0]), None)
+    assert torch.allclose(c["encoder_hidden_states"], pos, atol=1e-5)
+    assert torch.allclose(u["encoder_hidden_states"], neg, atol=1e-5)  # per-view negative: "face" on the back
+
+
+def test_view_dependent_conditions(prior):
+    cams = cameras([0.0, 0.0, 0.0, 75.0], [0.0, 90.0, -170.0, 0.0])
+    c, u = prior.conditions(cams, None)
+    emb, pos = c["encoder_hidden_states"], prior.prompts.positive
+    assert emb.shape == (4, 77, 32) and u["encoder_hidden_states"].shape == (4, 77, 32)
+    for i, d in enumerate([0, 1, 2, 3]):  # front, side, back, overhead
+        assert torch.equal(emb[i], pos[d])
+    neg = u["encoder_hidden_states"]
+    assert torch.equal(neg[0], neg[1]) and not torch.equal(neg[0], neg[2])  # only the back view adds "face"
+    views = prior.view_conditions(cams)
+    assert views.directional["encoder_hidden_states"].shape == (4, 77, 32)
+    assert views.direction.tolist() == [0, 1, 2, 3]
+
+
+def test_plain_prompt_without_view_dependence(sd_dir, cache_dir):
+    p = StableDiffusionPrior(StableDiffusionConfig(model=str(sd_dir), view_dependent_prompts=False), ctx_for(cache_dir))
+    c, _ = p.conditions(cameras([0.0, 0.0], [0.0, 180.0]), None)
+    assert torch.equal(c["encoder_hidden_states"][0], p.prompts.base[0])
+    assert torch.equal(c["encoder_hidden_states"][1], p.prompts.base[0])
+
+
+def test_encode_images_resizes_and_keeps_gradient(prior):
+    rgb = torch.rand(2, 3, 64, 64, requires_grad=True)
+    latents = prior.encode_images(rgb)
+    assert latents.shape == (2, 4, 16, 16) and latents.dtype == torch.float32
+    latents.square().sum().backward()
+    assert rgb.grad is not None and rgb.grad.abs().sum() > 0
+
+
+def test_rgb_as_latents(sd_dir, cache_dir):
+    p = StableDiffusionPrior(StableDiffusionConfig(model=str(sd_dir), rgb_as_latents=True), ctx_for(cache_dir))
+    x = torch.rand(1, 4, 64, 64)
+    lat = p.encode_images(x)
+    assert lat.shape == (1, 4, 16, 16)
+    assert torch.allclose(lat, torch.nn.functional.interpolate(x, (16, 16), mode="bilinear", align_corners=False) * 2 - 1)
+    with pytest.raises(PriorError, match="4-channel latent"):
+        p.encode_images(torch.rand(1, 3, 64, 64))
+
+
+def test_predict_noise_is_the_unet_without_graph(prior):
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    t = torch.tensor([20, 900])
+    cond, _ = prior.conditions(cameras([0.0, 0.0], [0.0, 90.0]), None)
+    eps = prior.predict_noise(x, t, cond)
+    assert not eps.requires_grad and eps.shape == x.shape
+    with torch.no_grad():
+        ref = prior.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    assert torch.allclose(eps, ref, atol=1e-5)
+
+
+def test_v_prediction_conversion_is_exact():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    torch.manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([1, 500, 999])
+    x_t = sched.add_noise(x0, eps, t)
+    v = sched.get_velocity(x0, eps, t)
+    assert torch.allclose(model_output_to_epsilon(v, x_t, t, sched.alphas_cumprod, "v_prediction"), eps, atol=1e-4)
+    assert torch.allclose(model_output_to_epsilon(x0, x_t, t, sched.alphas_cumprod, "sample"), eps, atol=1e-3)
+    assert model_output_to_epsilon(eps, x_t, t, sched.alphas_cumprod, "epsilon") is eps
+    with pytest.raises(PriorError, match="prediction_type"):
+        model_output_to_epsilon(eps, x_t, t, sched.alphas_cumprod, "flow")
+
+
+def test_v_prediction_model_is_converted(tmp_path, cache_dir):
+    d = build_tiny_sd(tmp_path / "sd-v", prediction_type="v_prediction")
+    p = StableDiffusionPrior(StableDiffusionConfig(model=str(d)), ctx_for(cache_dir))
+    assert p.prediction_type == "v_prediction"
+    x = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([100, 700])
+    cond, _ = p.conditions(cameras([0.0, 0.0], [0.0, 0.0]), None)
+    with torch.no_grad():
+        v = p.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    abar = p.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(p.predict_noise(x, t, cond), abar.sqrt() * v + (1 - abar).sqrt() * x, atol=1e-5)
+
+
+def test_sds_step_through_the_prior(sd_dir, cache_dir):
+    from distill3d.guidance.perp_neg import PerpNegSDSConfig, PerpNegSDSGuidance
+    from distill3d.guidance.sds import SDSConfig, SDSGuidance
+
+    ctx = ctx_for(cache_dir, total_steps=100)
+    rgb = torch.rand(2, 32, 32, 3, requires_grad=True)
+    out = RenderOutput(rgb=rgb, opacity=torch.ones(2, 32, 32, 1), depth=torch.ones(2, 32, 32, 1), background=torch.zeros(2, 32, 32, 3))
+    cams = cameras([10.0, 10.0], [0.0, 120.0])
+    prior_spec = {"name": "stable-diffusion", "model": str(sd_dir)}
+    for guidance in (SDSGuidance(SDSConfig(prior=prior_spec), ctx), PerpNegSDSGuidance(PerpNegSDSConfig(prior=prior_spec), ctx)):
+        rgb.grad = None
+        loss = guidance(out, cams, 5)["sds"]
+        loss.backward()
+        assert torch.isfinite(loss) and rgb.grad.abs().sum() > 0
+
+
+def test_embedding_cache_hit_skips_the_text_encoder(sd_dir, cache_dir, monkeypatch):
+    cfg = StableDiffusionConfig(model=str(sd_dir))
+    StableDiffusionPrior(cfg, ctx_for(cache_dir, prompt="a red chair"))  # fills the cache
+
+    def boom(self, source):
+        raise AssertionError("text encoder loaded on a cache hit")
+
+    monkeypatch.setattr(StableDiffusionPrior, "load_text_encoder", boom)
+    p = StableDiffusionPrior(cfg, ctx_for(cache_dir, prompt="a red chair"))
+    assert p.embedding_cache.stats.misses == 0 and p.embedding_cache.stats.encoder_loads == 0
+    with pytest.raises(AssertionError, match="cache hit"):  # a new prompt misses
+        StableDiffusionPrior(cfg, ctx_for(cache_dir, prompt="a wooden chair"))
+
+
+def test_cache_invalidated_when_the_text_encoder_changes(tmp_path, cache_dir):
+    d = build_tiny_sd(tmp_path / "sd")
+    StableDiffusionPrior(StableDiffusionConfig(model=str(d)), ctx_for(cache_dir))
+    config = d / "text_encoder" / "config.json"
+    config.write_text(config.read_text().replace('"layer_norm_eps": 1e-05', '"layer_norm_eps": 1e-06'))
+    p = StableDiffusionPrior(StableDiffusionConfig(model=str(d)), ctx_for(cache_dir))
+    assert p.embedding_cache.stats.encoder_loads == 1 and p.embedding_cache.stats.hits == 0
+
+
+def test_missing_text_encoder_weights_are_named(tmp_path, cache_dir):
+    d = build_tiny_sd(tmp_path / "sd")
+    for w in (d / "text_encoder").glob("*.safetensors"):
+        w.unlink()
+    # The folder check accepts it (the weights are needed only to encode uncached prompts) ...
+    with pytest.raises(InvalidModelFolderError, match="text_encoder/ has no weights.*not in the embedding cache"):
+        StableDiffusionPrior(StableDiffusionConfig(model=str(d)), ctx_for(cache_dir, prompt="a dog"))
+
+
+def test_not_cached_hub_id_says_how_to_download(cache_dir, monkeypatch):
+    for env_offline, local_only in ((True, None), (False, True)):
+        if not env_offline:
+            monkeypatch.delenv("HF_HUB_OFFLINE")
+        with pytest.raises(ModelNotFoundError) as info:
+            StableDiffusionPrior(StableDiffusionConfig(model="distill3d-tests/no-such-model", local_files_only=local_only), ctx_for(cache_dir))
+        msg = str(info.value)
+        assert "distill3d-tests/no-such-model" in msg and "not in the local" in msg
+        assert "huggingface-cli download distill3d-tests/no-such-model --local-dir DIR" in msg and "--model DIR" in msg
+
+
+def test_cached_hub_snapshot_loads_offline(sd_dir, cache_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(sd_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    p = StableDiffusionPrior(StableDiffusionConfig(model="someone/tiny-sd"), ctx_for(cache_dir))
+    assert p.source.hub_id == "someone/tiny-sd" and p.source.commit == commit
+    assert p.source.folder == repo / "snapshots" / commit
+    assert commit in p.encoder_key()
+
+
+def test_folder_that_is_not_a_model(sd_dir, cache_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sd_dir, broken)
+    shutil.rmtree(broken / "vae")
+    (broken / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(InvalidModelFolderError) as info:
+        StableDiffusionPrior(StableDiffusionConfig(model=str(broken)), ctx_for(cache_dir))
+    assert "vae/" in str(info.value) and "scheduler/scheduler_config.json" in str(info.value)
+    assert "not a diffusers Stable Diffusion model folder" in str(info.value)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(InvalidModelFolderError, match="from_single_file"):
+        StableDiffusionPrior(StableDiffusionConfig(model=str(ckpt)), ctx_for(cache_dir))
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        StableDiffusionPrior(StableDiffusionConfig(model=str(tmp_path / "missing" / "dir")), ctx_for(cache_dir))
+
+
+def test_empty_prompt(sd_dir, cache_dir):
+    for prompt in ("", "  "):
+        with pytest.raises(EmptyPromptError, match="prompt is empty"):
+            StableDiffusionPrior(StableDiffusionConfig(model=str(sd_dir)), ctx_for(cache_dir, prompt=prompt))
+    # The prior's own prompt setting wins over the run's.
+    p = StableDiffusionPrior(StableDiffusionConfig(model=str(sd_dir), prompt="a dog"), ctx_for(cache_dir, prompt=""))
+    assert p.prompts.base_text == "a dog"
+
+
+def test_cuda_out_of_memory_message(prior, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(prior.unet, "forward", oom)
+    cond, _ = prior.conditions(cameras([0.0], [0.0]), None)
+    with pytest.raises(PriorOutOfMemoryError) as info:
+        prior.predict_noise(torch.randn(1, 4, 16, 16), torch.tensor([10]), cond)
+    msg = str(info.value)
+    for hint in ("batch_size", "resolution", "half_precision", "attention_slicing", "vae_slicing", "Tried to allocate"):
+        assert hint in msg
