@@ -219,3 +219,24 @@ def test_mesh_reference_files_render_like_the_mesh(tmp_path, ext):
     b = render_mesh(back, cams, 32, 32)
     assert torch.allclose(a.rgb, b.rgb, atol=1e-5)
     assert torch.allclose(a.opacity, b.opacity, atol=1e-5)
+
+
+def test_mesh_reference_for_the_oracle(tmp_path):
+    from distill3d.representations.mesh.render import MeshReference
+
+    mesh = _sphere()
+    shifted = Mesh(mesh.vertices * 2.0 + 1.0, mesh.faces, uv=mesh.uv, texture=mesh.texture)
+    save_mesh(shifted, tmp_path / "ref.glb")
+    ref = MeshReference.from_file(tmp_path / "ref.glb")
+    assert ref.name == "ref" and ref.bounding_radius == pytest.approx(0.8, abs=1e-5)
+    cams = make_cameras([15.0, 40.0], [0.0, 120.0], [2.5, 2.5], [45.0, 45.0])
+    out = ref.render(cams, 24, 24)
+    assert out.rgb.shape == (2, 24, 24, 3) and out.normal.shape == (2, 24, 24, 3)
+    assert set(out.opacity.unique().tolist()) == {0.0, 1.0}  # exact, hard-edged like the scenes
+    empty = out.opacity[..., 0] == 0
+    assert torch.allclose(out.rgb[empty], torch.ones_like(out.rgb[empty]))
+    black = ref.render(cams, 24, 24, background=torch.zeros(3))
+    assert torch.allclose(black.rgb[empty], torch.zeros_like(black.rgb[empty]))
+    assert torch.allclose(black.rgb[~empty], out.rgb[~empty])
+    with pytest.raises(MeshLoadError):
+        MeshReference.from_file(tmp_path / "nope.glb")

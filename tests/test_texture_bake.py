@@ -83,6 +83,14 @@ def test_small_components_are_removed_and_decimation_keeps_the_shape():
     assert small.faces.max() < small.num_vertices
 
 
+def test_quadric_decimation_when_fast_simplification_is_installed():
+    pytest.importorskip("fast_simplification")
+    clean = _sphere_mesh(48)
+    small = decimate(clean, 800, method="quadric")
+    assert 600 < small.num_faces <= 800
+    assert (small.vertices.norm(dim=-1) - 0.5).abs().max() < 0.03  # density 10 (0.6 - r) = 1 at r = 0.5
+
+
 def test_mesh_from_fields_exports_all_formats(tmp_path):
     mesh, info = mesh_from_fields(_ball_density, _color_field, resolution=40, texture_size=128, target_faces=2000)
     assert info.threshold > 0 and info.faces_final <= 2000 and info.decimation in ("cluster", "quadric")

@@ -7,6 +7,7 @@ close range), composited over a background with the rasterizer's antialiased cov
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -14,11 +15,13 @@ from torch import Tensor
 
 from distill3d.engine.cameras import Cameras
 from distill3d.engine.interfaces import RenderOutput
-from distill3d.representations.mesh.mesh_io import Mesh, sample_texture, vertex_normals
+from distill3d.representations.mesh.mesh_io import Mesh, load_mesh, normalize, sample_texture, vertex_normals
 from distill3d.representations.mesh.rasterizer import antialias as _antialias
 from distill3d.representations.mesh.rasterizer import interpolate, project, rasterize
 
-__all__ = ["render_mesh", "DEFAULT_GREY"]
+__all__ = ["render_mesh", "MeshReference", "DEFAULT_GREY", "MESH_REFERENCE_SUFFIXES"]
+
+MESH_REFERENCE_SUFFIXES = (".obj", ".glb", ".gltf", ".ply")
 
 DEFAULT_GREY = 0.7  # albedo of a mesh without texture or vertex colours
 
@@ -77,3 +80,40 @@ def render_mesh(
         vn = mesh.normals if mesh.normals is not None else vertex_normals(mesh.vertices, faces)
         normal = torch.nn.functional.normalize(interpolate(vn, frags, faces), dim=-1) * mask
     return RenderOutput(rgb=rgb, opacity=opacity, depth=depth, background=bg, normal=normal, extras={"fragments": frags, "albedo": albedo})
+
+
+class MeshReference:
+    """A mesh file as an oracle/evaluation reference: `render(cameras, height, width, background)`
+    like the analytic scenes (distill3d.engine.references).
+
+    The mesh is centred and scaled into a sphere of `radius` (default 0.8, inside the NeRF's unit
+    bounding sphere with a margin, like the bundled scenes). Renders are exact rasterizations of
+    pixel centres (hard edges, like the scenes' one ray per pixel) unless antialias=True.
+    """
+
+    def __init__(self, mesh: Mesh, radius: float = 0.8, antialias: bool = False, backend: str = "auto", name: str = "mesh"):
+        self.mesh, self.centre, self.scale = normalize(mesh, radius)
+        if self.mesh.normals is None:
+            self.mesh.normals = vertex_normals(self.mesh.vertices, self.mesh.faces)
+        self.radius = float(radius)
+        self.antialias = antialias
+        self.backend = backend
+        self.name = name
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs) -> "MeshReference":
+        """Load an OBJ/GLB/PLY reference; MeshLoadError (a ValueError) says why a file is unusable."""
+        path = Path(path)
+        return cls(load_mesh(path), name=path.stem, **kwargs)
+
+    @property
+    def bounding_radius(self) -> float:
+        return float(self.mesh.vertices.norm(dim=-1).max())
+
+    def scene_radius(self) -> float:
+        return self.bounding_radius
+
+    @torch.no_grad()
+    def render(self, cameras: Cameras, height: int, width: int, background: Tensor | None = None) -> RenderOutput:
+        bg = 1.0 if background is None else torch.as_tensor(background).detach().to(cameras.device, torch.float32)
+        return render_mesh(self.mesh, cameras, height, width, background=bg, backend=self.backend, antialias=self.antialias)
