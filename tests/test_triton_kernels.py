@@ -16,7 +16,6 @@ the interpreter finishes in seconds.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,15 +44,57 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
 def test_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD: "1"})
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider", "-rs"]
+    parent_only = "not test_kernels_under_interpreter and not test_kernels_compile_for_h100_without_a_gpu"
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider", "-rs", "-k", parent_only]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
     report = proc.stdout[-8000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, f"interpreter subprocess failed:\n{report}"
-    # In the child only this test itself is skipped; every kernel test must have run.
+    # Every kernel test must have run in the child (none skipped).
     summary = [line for line in proc.stdout.splitlines() if " passed" in line]
-    assert summary, report
-    skipped = re.search(r"(\d+) skipped", summary[-1])
-    assert skipped is None or int(skipped.group(1)) == 1, report
+    assert summary and "skipped" not in summary[-1], report
+
+
+def _compile_for_sm90(name: str, constexprs: dict, **options) -> str:
+    """PTX of a kernel compiled for an H100 (sm_90): no GPU needed, only triton's bundled ptxas."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = tk._kernels()[name]
+    scalars = {"N": "i32", "R": "i32", "n_samples": "i32", "G": "i32", "n_f": "fp32", "inv_n": "fp32", "radius": "fp32", "inv_r": "fp32", "g_f": "fp32"}
+    pointers = {"start_ptr": "*i64", "off_ptr": "*i64", "ray_out_ptr": "*i64", "r1_ptr": "*i32", "count_ptr": "*i32", "cnt_ptr": "*i32", "grid_ptr": "*u8"}
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = pointers.get(arg, "*fp32")
+        else:
+            signature[arg] = scalars[arg]
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(READY, reason="compiles with the real Triton compiler: runs in the parent process, not the interpreter")
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter does not type-check like the compiler: compile every kernel for sm_90.
+
+    Also checks the PTX for what exactness and speed rely on: the marcher has no fused
+    multiply-adds and no approximate division when mirroring torch on CUDA; the table gradient
+    uses relaxed atomic adds.
+    """
+    pytest.importorskip("triton.backends.nvidia")
+    all_on = dict(NEED_EMB=True, NEED_X=True)
+    hash_const = dict(LEVELS=16, F=2, BLOCK_F=2, T=1 << 19, BLOCK_N=tk.HASH_BLOCK_N)
+    _compile_for_sm90("hash_fwd", hash_const, num_warps=4, enable_fp_fusion=True)
+    ptx = _compile_for_sm90("hash_bwd", {**hash_const, **all_on}, num_warps=4, enable_fp_fusion=True)
+    assert "red.global.gpu.relaxed.add.f32" in ptx or "atom.global.gpu.relaxed.add.f32" in ptx
+    _compile_for_sm90("composite_fwd", dict(HAS_N=True, BLOCK_R=tk.COMPOSITE_BLOCK_R), num_warps=1, enable_fp_fusion=True)
+    flags = dict(HAS_N=True, HAS_GW=True, NEED_RGB=True, NEED_N=True, NEED_DL=True, NEED_TM=True)
+    _compile_for_sm90("composite_bwd", {**flags, "BLOCK_R": tk.COMPOSITE_BLOCK_R}, num_warps=1, enable_fp_fusion=True)
+    march = dict(HAS_JIT=True, HAS_GRID=True, RECIP=True, WRITE=True, BLOCK_R=tk.MARCH_BLOCK_R)
+    ptx = _compile_for_sm90("march", march, num_warps=1, enable_fp_fusion=False)
+    assert "fma." not in ptx and "div." not in ptx
 
 
 # ----- hash encoding ---------------------------------------------------------------------------
@@ -177,8 +218,8 @@ def _packed(counts: list[int], seed: int = 0, sigma_scale: float = 5.0):
     return samples, sigmas, rgbs, normals
 
 
-# Empty rays, single-sample rays, rays longer than others in their block, a ray spanning blocks.
-COUNTS = [3, 0, 5, 1, 17, 0, 2, 9] + [4] * 60 + [33, 0, 1]
+# Empty rays, single-sample rays, rays much longer than others in their block, several blocks.
+COUNTS = [3, 0, 5, 1, 17, 0, 2, 9] + [4] * 30 + [24, 0, 1]
 
 FIELDS = ("weights", "rgb", "opacity", "depth", "normal")
 
@@ -224,7 +265,7 @@ def _composite_grads(fn, samples, sigmas, rgbs, normals, upstream, used):
 @interpreted
 @pytest.mark.parametrize(
     "used",
-    [FIELDS, ("rgb",), ("weights",), ("opacity", "depth"), ("normal",)],
+    [FIELDS, ("rgb",), ("weights",), ("normal",)],
     ids=lambda u: "+".join(u),
 )
 def test_composite_backward_matches_torch(used):
@@ -304,9 +345,9 @@ def test_march_matches_torch(grid, jitter):
     origins, dirs, near, far = _rays(48, seed=1)
     occupied = _grid(*grid) if grid is not None else None
     torch.manual_seed(123)
-    got = tk.march_triton(origins, dirs, near, far, 24, occupied, jitter)
+    got = tk.march_triton(origins, dirs, near, far, 16, occupied, jitter)
     torch.manual_seed(123)
-    want = march_torch(origins, dirs, near, far, 24, occupied, jitter)
+    want = march_torch(origins, dirs, near, far, 16, occupied, jitter)
     assert want.ray_indices.numel() > 0
     _assert_same_samples(got, want)
     assert not torch.any(got.ray_indices == 1) and not torch.any(got.ray_indices == 2)

@@ -475,13 +475,10 @@ def _kernels() -> dict:
     return {name: triton.jit(fn) for name, fn in _kernel_sources().items()}
 
 
-def _launch_options(device: torch.device, exact: bool = False) -> dict:
-    """Extra launch options: exact=True turns FMA contraction off (bit-identical to torch's ops)."""
+def _launch_options(device: torch.device, exact: bool = False, num_warps: int = 4) -> dict:
+    """Launch options: exact=True turns FMA contraction off (bit-identical to torch's ops)."""
     if device.type == "cuda" and not interpreter_active():
-        options = {"num_warps": 4}
-        if exact:
-            options["enable_fp_fusion"] = False
-        return options
+        return {"num_warps": num_warps, "enable_fp_fusion": not exact}
     return {}
 
 
@@ -626,14 +623,19 @@ def hash_encode_triton(x: Tensor, embeddings: Tensor, config) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-COMPOSITE_BLOCK_R = 64
+# One ray per lane, one warp per program: rays of a block loop to their longest ray's count.
+COMPOSITE_BLOCK_R = 32
+COMPOSITE_WARPS = 1
 
 
 def ray_starts_counts(ray_indices: Tensor, n_rays: int) -> tuple[Tensor, Tensor]:
-    """First sample (int64) and sample count (int32) of every ray, from sorted ray indices."""
-    counts = torch.bincount(ray_indices, minlength=n_rays)[:n_rays] if ray_indices.numel() else torch.zeros(n_rays, dtype=torch.long, device=ray_indices.device)
-    starts = torch.cumsum(counts, 0) - counts
-    return starts, counts.to(torch.int32)
+    """First sample (int64) and sample count (int32) of every ray, from sorted ray indices.
+
+    A binary search of the sorted indices: no host sync (bincount on CUDA syncs for its max).
+    """
+    rays = torch.arange(n_rays + 1, dtype=ray_indices.dtype, device=ray_indices.device)
+    bounds = torch.searchsorted(ray_indices.contiguous(), rays)
+    return bounds[:-1].contiguous(), (bounds[1:] - bounds[:-1]).to(torch.int32)
 
 
 class _CompositeFn(torch.autograd.Function):
@@ -653,7 +655,7 @@ class _CompositeFn(torch.autograd.Function):
             _kernels()["composite_fwd"][grid](
                 sigmas, rgbs, normals if has_n else rgbs, deltas, t_mid, starts, counts,
                 weights, trans, rgb, opacity, depth, normal, n_rays,
-                HAS_N=has_n, BLOCK_R=COMPOSITE_BLOCK_R, **_launch_options(device),
+                HAS_N=has_n, BLOCK_R=COMPOSITE_BLOCK_R, **_launch_options(device, num_warps=COMPOSITE_WARPS),
             )
         ctx.save_for_backward(sigmas, rgbs, normals if has_n else None, deltas, t_mid, starts, counts, weights, trans)
         ctx.has_n = has_n
@@ -696,7 +698,7 @@ class _CompositeFn(torch.autograd.Function):
                 out_sig, out_rgb if need_rgb else out_sig, out_n if need_n else out_sig,
                 out_dl if need_dl else out_sig, out_tm if need_tm else out_sig, n_rays,
                 HAS_N=has_n, HAS_GW=has_gw, NEED_RGB=need_rgb, NEED_N=need_n, NEED_DL=need_dl, NEED_TM=need_tm,
-                BLOCK_R=COMPOSITE_BLOCK_R, **_launch_options(device),
+                BLOCK_R=COMPOSITE_BLOCK_R, **_launch_options(device, num_warps=COMPOSITE_WARPS),
             )
         return (out_sig if need_sig else None), out_rgb, out_n, out_dl, out_tm, None, None, None
 
@@ -728,7 +730,8 @@ def composite_triton(sigmas: Tensor, rgbs: Tensor, samples: Samples, normals: Te
 # ----------------------------------------------------------------------------------------------
 
 
-MARCH_BLOCK_R = 64
+MARCH_BLOCK_R = 32
+MARCH_WARPS = 1
 
 
 def occupancy_grid_of(occupied) -> tuple[Tensor, float] | None:
@@ -803,7 +806,7 @@ def march_triton(
     launch = (triton_cdiv(n_rays, MARCH_BLOCK_R),)
     counts = torch.empty(n_rays, dtype=torch.int32, device=device)
     jit_arg = jit if jit is not None else o
-    options = _launch_options(device, exact=True)
+    options = _launch_options(device, exact=True, num_warps=MARCH_WARPS)
     kernel[launch](o, d, nr, fr, jit_arg, occ, counts, counts, counts, o, o, **scalars, WRITE=False, **flags, **options)
     ends = torch.cumsum(counts, 0, dtype=torch.int64)
     total = int(ends[-1])
