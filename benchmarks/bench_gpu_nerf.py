@@ -126,7 +126,7 @@ def versions() -> dict:
 
 
 def bench_hash(results: dict, n_points: int, iters: int) -> None:
-    from distill3d.engine.backends import BackendUnavailable, resolve_op
+    from distill3d.engine.backends import BackendUnavailable
     from distill3d.representations.nerf.hash_encoding import HashEncodingConfig
 
     device = DEVICE
@@ -210,7 +210,7 @@ class BenchField(torch.nn.Module):
 
 
 def bench_nerf_step(results: dict, iters: int, height: int = 128, width: int = 128, batch: int = 4, samples_per_ray: int = 64) -> None:
-    from distill3d.engine.backends import BackendUnavailable, resolve_op
+    from distill3d.engine.backends import BackendUnavailable
     from distill3d.representations.nerf.occupancy import OccupancyConfig, OccupancyGrid
     from distill3d.representations.nerf.rendering import ray_sphere_bounds
 
@@ -307,7 +307,6 @@ def bench_sds_share(results: dict, iters: int, render_res: int = 64, batch: int 
     except Exception as exc:
         print(f"\n[3] DreamFusion-SD step skipped: diffusers is not importable ({type(exc).__name__})")
         return
-    from distill3d.engine.backends import resolve_op
     from distill3d.representations.nerf.occupancy import OccupancyConfig, OccupancyGrid
     from distill3d.representations.nerf.rendering import ray_sphere_bounds
 
