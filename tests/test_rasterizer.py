@@ -3,7 +3,6 @@ silhouette gradients, backends."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -95,7 +95,6 @@ def push_pull_fill(image: Tensor, mask: Tensor) -> Tensor:
     """Fill every uncovered texel from a pyramid of weighted averages (push-pull)."""
     if bool(mask.all()) or not bool(mask.any()):
         return image
-    C = image.shape[-1]
     w = mask[None, None].to(image.dtype)
     c = image.permute(2, 0, 1)[None] * w
     levels = [(c, w)]
@@ -107,7 +106,6 @@ def push_pull_fill(image: Tensor, mask: Tensor) -> Tensor:
     for c, w in reversed(levels[:-1]):
         up = F.interpolate(filled, size=c.shape[-2:], mode="bilinear", align_corners=False)
         filled = torch.where(w > 0, c / w.clamp_min(1e-12), up)
-    del C
     return filled[0].permute(1, 2, 0)
 
 
