@@ -26,7 +26,7 @@ parameter layout) and is registered as the "triton" backend in triton_backends.p
   offsets, so the packed order (by ray, then by sample) is march_torch's. Floating-point ops are
   arranged to be bit-identical to the torch reference on the same device (on CUDA, torch divides
   by a Python scalar through its reciprocal and Triton's FMA contraction is switched off here).
-  Any other occupancy callable falls back to march_torch.
+  Any other occupancy callable (or float64 rays) falls back to march_torch.
 
 Triton is imported lazily: importing this module never fails where triton is missing. Kernels
 are built with triton.jit on first use, so TRITON_INTERPRET=1 must be set before triton is first
@@ -615,6 +615,10 @@ def hash_encode_triton(x: Tensor, embeddings: Tensor, config) -> Tensor:
     """
     if embeddings.shape != ((1 << config.log2_table_size) * config.levels, config.features):
         raise ValueError(f"embeddings of shape {tuple(embeddings.shape)} do not match the config")
+    if x.dtype == torch.float64 or embeddings.dtype == torch.float64:
+        from distill3d.representations.nerf.hash_encoding import hash_encode_torch
+
+        return hash_encode_torch(x, embeddings, config)  # the kernels compute in float32
     return _HashEncodeFn.apply(x.float().contiguous(), embeddings.float().contiguous(), config)
 
 
@@ -704,7 +708,16 @@ class _CompositeFn(torch.autograd.Function):
 
 
 def composite_triton(sigmas: Tensor, rgbs: Tensor, samples: Samples, normals: Tensor | None = None) -> Composited:
-    """Triton compositing of packed samples; same results and gradients as composite_torch."""
+    """Triton compositing of packed samples; same results and gradients as composite_torch.
+
+    The kernels handle float32 (or lower) inputs with 3-channel colours and normals; anything else
+    (float64, other widths) goes to composite_torch.
+    """
+    tensors = [sigmas, rgbs, samples.deltas, samples.t_mid] + ([normals] if normals is not None else [])
+    if any(t.dtype == torch.float64 for t in tensors) or rgbs.shape[-1] != 3 or (normals is not None and normals.shape[-1] != 3):
+        from distill3d.representations.nerf.rendering import composite_torch
+
+        return composite_torch(sigmas, rgbs, samples, normals)
     n_rays = samples.n_rays
     starts, counts = ray_starts_counts(samples.ray_indices, n_rays)
     args = [
@@ -758,7 +771,7 @@ def march_triton(
 ) -> Samples:
     """Triton version of march_torch for a grid occupancy (or none); same samples, same order."""
     grid_info = occupancy_grid_of(occupied) if occupied is not None else None
-    if occupied is not None and grid_info is None:
+    if (occupied is not None and grid_info is None) or origins.dtype == torch.float64:
         from distill3d.representations.nerf.rendering import march_torch
 
         return march_torch(origins, dirs, near, far, n_samples, occupied, jitter)
