@@ -92,7 +92,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
     _compile_for_sm90("composite_fwd", dict(HAS_N=True, BLOCK_R=tk.COMPOSITE_BLOCK_R), num_warps=1, enable_fp_fusion=True)
     flags = dict(HAS_N=True, HAS_GW=True, NEED_RGB=True, NEED_N=True, NEED_DL=True, NEED_TM=True)
     _compile_for_sm90("composite_bwd", {**flags, "BLOCK_R": tk.COMPOSITE_BLOCK_R}, num_warps=1, enable_fp_fusion=True)
-    march = dict(HAS_JIT=True, HAS_GRID=True, RECIP=True, WRITE=True, BLOCK_R=tk.MARCH_BLOCK_R)
+    march = dict(HAS_JIT=True, HAS_GRID=True, RECIP_N=True, RECIP_R=True, WRITE=True, BLOCK_R=tk.MARCH_BLOCK_R)
     ptx = _compile_for_sm90("march", march, num_warps=1, enable_fp_fusion=False)
     assert "fma." not in ptx and "div." not in ptx
 

@@ -25,7 +25,8 @@ parameter layout) and is registered as the "triton" backend in triton_backends.p
   [0, 1). Two passes: count kept samples per ray, then write them at the exclusive-cumsum
   offsets, so the packed order (by ray, then by sample) is march_torch's. Floating-point ops are
   arranged to be bit-identical to the torch reference on the same device (on CUDA, torch divides
-  by a Python scalar through its reciprocal and Triton's FMA contraction is switched off here).
+  by a Python scalar through its reciprocal, measured once by `_scalar_division`; Triton's FMA
+  contraction is switched off for this kernel).
   Any other occupancy callable (or float64 rays) falls back to march_torch.
 
 Triton is imported lazily: importing this module never fails where triton is missing. Kernels
@@ -392,12 +393,13 @@ def _kernel_sources():
     def _march_kernel(
         o_ptr, d_ptr, near_ptr, far_ptr, jit_ptr, grid_ptr, off_ptr, cnt_ptr, ray_out_ptr, t_out_ptr, dt_out_ptr,
         R, n_samples, n_f, inv_n, radius, inv_r, G, g_f,
-        HAS_JIT: tl.constexpr, HAS_GRID: tl.constexpr, RECIP: tl.constexpr, WRITE: tl.constexpr,
-        BLOCK_R: tl.constexpr,
+        HAS_JIT: tl.constexpr, HAS_GRID: tl.constexpr, RECIP_N: tl.constexpr, RECIP_R: tl.constexpr,
+        WRITE: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
         # Mirrors march_torch op by op: u = s + jitter; t = near + (far - near) * (u / n);
         # p = o + d t; cell = clamp(floor((p / radius + 1) * 0.5 * G), 0, G - 1). torch on CUDA
-        # divides by a Python scalar as a multiply by its reciprocal (RECIP), on CPU it divides.
+        # divides by a Python scalar as a multiply by its reciprocal (RECIP_*), on CPU it divides
+        # (see _scalar_division).
         pid = tl.program_id(0)
         rays = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rays < R
@@ -410,7 +412,7 @@ def _kernel_sources():
         near = tl.load(near_ptr + rays, mask=rm, other=0.0)
         far = tl.load(far_ptr + rays, mask=rm, other=0.0)
         span = far - near
-        if RECIP:
+        if RECIP_N:
             delta = span * inv_n
         else:
             delta = tl.math.div_rn(span, tl.zeros([BLOCK_R], dtype=tl.float32) + n_f)
@@ -423,7 +425,7 @@ def _kernel_sources():
                 u = s + tl.load(jit_ptr + rays * n_samples + s, mask=rm, other=0.0)
             else:
                 u = tl.zeros([BLOCK_R], dtype=tl.float32) + (s + 0.5)
-            if RECIP:
+            if RECIP_N:
                 q = u * inv_n
             else:
                 q = tl.math.div_rn(u, tl.zeros([BLOCK_R], dtype=tl.float32) + n_f)
@@ -433,7 +435,7 @@ def _kernel_sources():
                 px = ox + dx * t
                 py = oy + dy * t
                 pz = oz + dz * t
-                if RECIP:
+                if RECIP_R:
                     ax = px * inv_r
                     ay = py * inv_r
                     az = pz * inv_r
@@ -760,6 +762,22 @@ def _f32(value: float) -> float:
     return float(np.float32(value))
 
 
+@lru_cache(maxsize=64)
+def _scalar_division(value: float, device: str) -> tuple[bool, float]:
+    """How torch divides a float32 tensor by the Python scalar `value` on `device`.
+
+    (True, inv) when it multiplies by a float32 reciprocal inv (CUDA does, and how it rounds inv
+    has changed between torch versions), (False, 0.0) when it divides (CPU). Measured once per
+    value and device, so the marcher reproduces march_torch bit for bit whatever the version.
+    """
+    dev = torch.device(device)
+    probe = torch.cat([torch.linspace(-4.0, 4.0, 4099, device=dev), torch.linspace(1.0, 4096.0, 8191, device=dev)])
+    inv = float((torch.ones(1, device=dev) / value).item())  # a * inv_b with a = 1 is inv_b itself
+    if torch.equal(probe / value, probe * inv):
+        return True, inv
+    return False, 0.0
+
+
 def march_triton(
     origins: Tensor,
     dirs: Tensor,
@@ -803,18 +821,19 @@ def march_triton(
         occ = occ.to(device=device, dtype=torch.bool).contiguous().view(torch.uint8)
     else:
         occ, radius, g = o, 1.0, 1
-    recip = device.type == "cuda" and not interpreter_active()
+    recip_n, inv_n = _scalar_division(n_samples, str(device))
+    recip_r, inv_r = _scalar_division(radius, str(device)) if grid_info is not None else (False, 0.0)
     scalars = dict(
         R=n_rays,
         n_samples=n_samples,
         n_f=float(n_samples),
-        inv_n=_f32(1.0 / n_samples),
+        inv_n=inv_n,
         radius=_f32(radius),
-        inv_r=_f32(1.0 / radius),
+        inv_r=inv_r,
         G=g,
         g_f=float(g),
     )
-    flags = dict(HAS_JIT=jit is not None, HAS_GRID=grid_info is not None, RECIP=recip, BLOCK_R=MARCH_BLOCK_R)
+    flags = dict(HAS_JIT=jit is not None, HAS_GRID=grid_info is not None, RECIP_N=recip_n, RECIP_R=recip_r, BLOCK_R=MARCH_BLOCK_R)
     kernel = _kernels()["march"]
     launch = (triton_cdiv(n_rays, MARCH_BLOCK_R),)
     counts = torch.empty(n_rays, dtype=torch.int32, device=device)
