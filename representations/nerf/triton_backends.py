@@ -143,7 +143,8 @@ class TcnnHashEncoding:
             raise ValueError(f"tiny-cuda-nn wants {n_params} parameters, the table has {embeddings.numel()}")
         params = embeddings.reshape(-1)[:n_params].float().contiguous()
         n = x.shape[0]
-        granularity = 128
+        native = getattr(getattr(self.tcnn, "modules", None), "_C", None)
+        granularity = int(native.batch_size_granularity()) if hasattr(native, "batch_size_granularity") else 128
         padded = (n + granularity - 1) // granularity * granularity
         xf = x.float().contiguous()
         if padded != n:
