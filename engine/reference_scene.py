@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from distill3d.engine.cameras import Cameras, pixel_rays
+from distill3d.engine.errors import UserError
 from distill3d.engine.interfaces import RenderOutput
 
 SCENES_DIR = Path(__file__).resolve().parent / "scenes"
@@ -64,7 +65,7 @@ _TOP_LEVEL_KEYS = ("name", "primitives")
 _T_MIN = 1e-7  # hits closer than this along the ray are ignored (self-intersection guard)
 
 
-class SceneError(ValueError):
+class SceneError(UserError, ValueError):
     """A scene file that cannot be read or does not describe a valid scene."""
 
 

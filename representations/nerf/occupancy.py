@@ -45,8 +45,10 @@ class OccupancyGrid(nn.Module):
 
     def __call__(self, points: Tensor) -> Tensor:
         """Occupied flags (P,) for world points (P, 3)."""
-        ijk = self.cell_index(points)
-        return self.occupied[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+        g = self.config.resolution
+        cell = (points * (0.5 * g / self.radius) + 0.5 * g).to(torch.int32).clamp_(0, g - 1)
+        flat = (cell[:, 0] * (g * g) + cell[:, 1] * g + cell[:, 2]).long()
+        return self.occupied.view(-1)[flat]
 
     def active(self) -> bool:
         return self.config.enabled and bool(self.initialized)

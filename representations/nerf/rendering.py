@@ -94,20 +94,26 @@ def march_torch(
 ) -> Samples:
     """Stratified samples between near and far, keeping only those in occupied cells.
 
-    origins, dirs: (R, 3); near, far: (R,). Rays with far <= near produce no samples.
+    origins, dirs: (R, 3); near, far: (R,). Rays with far <= near produce no samples. Only rays
+    that enter the bounds are expanded to candidate samples, and the occupancy test runs before
+    anything else is gathered, so the cost scales with the rays that can hit something.
     """
     n_rays = origins.shape[0]
-    u = torch.arange(n_samples, dtype=origins.dtype, device=origins.device)
-    u = u + (torch.rand(n_rays, n_samples, device=origins.device) if jitter else 0.5)
-    span = (far - near)[:, None]
-    t_mid = near[:, None] + span * (u / n_samples)
-    deltas = (span / n_samples).expand(-1, n_samples)
-    keep = (far > near)[:, None].expand(-1, n_samples)
+    device = origins.device
+    rays = torch.nonzero(far > near).squeeze(1)
+    o, d, n0 = origins[rays], dirs[rays], near[rays]
+    step = (far[rays] - n0) / n_samples
+    u = torch.arange(n_samples, dtype=origins.dtype, device=device)
+    u = u + (torch.rand(rays.numel(), n_samples, device=device, dtype=origins.dtype) if jitter else 0.5)
+    t_mid = torch.addcmul(n0[:, None], step[:, None], u)  # (r, S)
     if occupied is not None:
-        points = origins[:, None, :] + dirs[:, None, :] * t_mid[..., None]
-        keep = keep & occupied(points.reshape(-1, 3)).view(n_rays, n_samples)
-    ray_indices = torch.arange(n_rays, device=origins.device)[:, None].expand(-1, n_samples)
-    return Samples(ray_indices[keep], t_mid[keep], deltas[keep], n_rays)
+        points = torch.addcmul(o[:, None, :], d[:, None, :], t_mid[..., None])
+        keep = occupied(points.view(-1, 3)).view(t_mid.shape)
+        ray_slot, sample_slot = torch.nonzero(keep, as_tuple=True)
+    else:
+        ray_slot = torch.arange(rays.numel(), device=device).repeat_interleave(n_samples)
+        sample_slot = torch.arange(n_samples, device=device).repeat(rays.numel())
+    return Samples(rays[ray_slot], t_mid[ray_slot, sample_slot], step[ray_slot], n_rays)
 
 
 class OccupancyQuery:
