@@ -194,3 +194,19 @@ def test_rejects_prior_without_view_conditions(monkeypatch):
     monkeypatch.setattr(sds_module, "build_plugin", lambda kind, spec, ctx, path: Plain())
     with pytest.raises(ConfigError, match="view-dependent"):
         PerpNegSDSGuidance(PerpNegSDSConfig(prior={"name": "oracle"}), BuildContext())
+
+
+@pytest.mark.parametrize("recipe, prior, scale", [("dreamfusion-sd", "stable-diffusion", 100.0), ("dreamfusion-if", "deepfloyd-if", 20.0)])
+def test_text_to_3d_recipes_resolve_and_accept_perp_neg(recipe, prior, scale):
+    from distill3d.engine.recipe import load_recipe, load_recipe_data
+
+    r = load_recipe(recipe)
+    entry = r.guidance[0]
+    assert entry["prior"]["name"] == prior and entry["guidance_scale"] == scale
+    assert (entry["timesteps"]["t_min"], entry["timesteps"]["t_max"], entry["weighting"]) == (0.02, 0.98, "sds")
+    assert r.trainer.steps == 10000 and r.trainer.resolution == 64 and r.trainer.batch_size == 1
+    # --perp-neg renames the entry to the Perp-Neg guidance: every key of the sds entry stays valid.
+    raw = dict(load_recipe_data(recipe)["guidance"][0])
+    raw.pop("name")
+    cfg = from_dict(PerpNegSDSConfig, raw, "guidance.0")
+    assert cfg.guidance_scale == scale and cfg.perp_neg_weighting == "stable-dreamfusion"

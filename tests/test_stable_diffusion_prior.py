@@ -281,3 +281,14 @@ def test_cuda_out_of_memory_message(prior, monkeypatch):
     msg = str(info.value)
     for hint in ("batch_size", "resolution", "half_precision", "attention_slicing", "vae_slicing", "Tried to allocate"):
         assert hint in msg
+
+
+def test_checkpoints_hold_no_model_weights(sd_dir, cache_dir):
+    from distill3d.guidance.sds import SDSConfig, SDSGuidance
+
+    g = SDSGuidance(SDSConfig(prior={"name": "stable-diffusion", "model": str(sd_dir)}), ctx_for(cache_dir))
+    state = g.state_dict()
+    assert not any(".unet." in k or ".vae." in k or k.startswith(("prior.unet", "prior.vae")) for k in state)
+    g.load_state_dict(state)  # strict: the frozen networks are not reported missing
+    g.load_state_dict({**state, **{f"prior.unet.{k}": v for k, v in g.prior.unet.state_dict().items()}})  # older checkpoints
+    assert len(list(g.prior.unet.parameters())) > 0  # still a submodule: moves with .to(device)

@@ -24,11 +24,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from distill3d.engine.errors import UserError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
 
 
-class PriorError(RuntimeError):
-    """A prior that cannot be built or run; the message says what to do."""
+class PriorError(UserError, RuntimeError):
+    """A prior that cannot be built or run; the message says what to do (the CLI prints it as is)."""
 
 
 class ModelNotFoundError(PriorError):
@@ -43,7 +45,7 @@ class InvalidModelFolderError(PriorError):
     """A local folder that is not the diffusers model it should be (the message names what is missing)."""
 
 
-class EmptyPromptError(ValueError):
+class EmptyPromptError(UserError, ValueError):
     """A text prior was asked to guide with an empty prompt."""
 
 
@@ -362,12 +364,14 @@ def source_with_weights(
 # Devices, precision and CUDA out-of-memory
 
 
-def pick_dtype(device: torch.device, half_precision: bool | None) -> torch.dtype:
-    """The prior's network dtype: fp16 on CUDA unless half_precision is false; always fp32 on CPU
-    (half precision on CPU is slow and some ops lack kernels)."""
+def pick_dtype(device: torch.device, half_precision: bool | None, ctx_half_precision: bool = True) -> torch.dtype:
+    """The prior's network dtype. CPU: always fp32 (half precision there is slow and some ops lack
+    kernels). CUDA: fp16 when half_precision is true; when it is null, follow the run's mixed
+    precision setting (BuildContext.half_precision, on by default in the trainer)."""
     if torch.device(device).type != "cuda":
         return torch.float32
-    return torch.float32 if half_precision is False else torch.float16
+    want = ctx_half_precision if half_precision is None else half_precision
+    return torch.float16 if want else torch.float32
 
 
 OOM_ERRORS: tuple[type, ...] = (torch.cuda.OutOfMemoryError,)

@@ -107,7 +107,8 @@ class TextPriorConfig:
     overhead_elevation: float = 60.0
     front_azimuth: float = 45.0
     back_azimuth: float = 135.0
-    # null: fp16 on CUDA, fp32 on CPU. false: fp32 everywhere.
+    # fp16 UNet/VAE/text encoder on CUDA (always fp32 on CPU). null: follow the run's mixed
+    # precision (trainer.mixed_precision, on by default); true/false force it.
     half_precision: bool | None = None
     attention_slicing: bool = False  # lower peak memory in attention, a little slower
     image_size: int | None = None  # null: the model's native size
@@ -123,19 +124,48 @@ class StableDiffusionConfig(TextPriorConfig):
     rgb_as_latents: bool = False  # the render is the latent (resized to the latent size, mapped to [-1, 1])
 
 
+def _frozen_names(prior: "TextDiffusionPrior") -> set[str]:
+    names = set()
+    for net in prior.FROZEN:
+        module = getattr(prior, net, None)
+        if isinstance(module, torch.nn.Module):
+            names.update(f"{net}.{k}" for k in module.state_dict(keep_vars=True))
+    return names
+
+
+def _drop_frozen_state(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] in module.FROZEN]:
+        del state_dict[key]
+
+
+def _ignore_missing_frozen(module, incompatible_keys):
+    frozen = _frozen_names(module)
+    missing = incompatible_keys.missing_keys
+    for key in list(missing):
+        parts = key.split(".")
+        if any(".".join(parts[i:]) in frozen for i in range(len(parts))):
+            missing.remove(key)
+
+
 class TextDiffusionPrior(Prior):
     """What the diffusers text-to-image priors share: prompts, embeddings, noise schedule."""
 
     layout: ModelLayout
     label = "text"
     condition_key = "encoder_hidden_states"
+    # Frozen pretrained networks: moved with the prior (.to) but kept out of its state_dict, so
+    # run checkpoints hold no copy of the model weights (reloaded from the model on resume).
+    FROZEN = ("unet", "vae")
 
     def __init__(self, config: TextPriorConfig, ctx: BuildContext):
         super().__init__(config, ctx)
+        register = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        register(_drop_frozen_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_frozen)
         prompt = check_prompt(config.prompt if config.prompt is not None else ctx.prompt, self.layout.kind)
         negative = config.negative_prompt if config.negative_prompt is not None else (ctx.negative_prompt or "")
         self.device = torch.device(ctx.device)
-        self.dtype = pick_dtype(self.device, config.half_precision)
+        self.dtype = pick_dtype(self.device, config.half_precision, ctx.half_precision)
         self.source = resolve_model(config.model, self.layout, config.local_files_only, config.revision)
         self.oom = OOMAdvice(self.layout.kind, config.model, self.oom_hints())
         self.prompts = ViewPromptTable(
