@@ -19,14 +19,16 @@ parameter layout) and is registered as the "triton" backend in triton_backends.p
 - `march_triton(origins, dirs, near, far, n_samples, occupied, jitter)`  ==  rendering.march_torch
   for a grid occupancy: `occupied` is None or an object with `occupied` (a (G, G, G) bool tensor
   over the cube [-radius, radius]^3, indexed [ix, iy, iz]) and `radius` (occupancy.OccupancyGrid
-  is one). Cell of point p: floor((p / radius + 1) * 0.5 * G) clamped to [0, G-1], as in
-  OccupancyGrid.cell_index. `jitter` is a bool (True draws torch.rand(R, n_samples) exactly like
-  march_torch, so the same seed gives the same samples) or an (R, n_samples) tensor of offsets in
-  [0, 1). Two passes: count kept samples per ray, then write them at the exclusive-cumsum
+  is one). Cell of point p: int32(p * (0.5 G / radius) + 0.5 G) clamped to [0, G-1], as in
+  OccupancyGrid.__call__. `jitter` is a bool (True makes march_torch's draw, torch.rand(number of
+  rays with far > near, n_samples), so the same seed gives the same samples) or an
+  (R, n_samples) tensor of offsets in [0, 1). Two passes: count kept samples per ray, then write them at the exclusive-cumsum
   offsets, so the packed order (by ray, then by sample) is march_torch's. Floating-point ops are
-  arranged to be bit-identical to the torch reference on the same device (on CUDA, torch divides
-  by a Python scalar through its reciprocal, measured once by `_scalar_division`; Triton's FMA
-  contraction is switched off for this kernel).
+  arranged to be bit-identical to the torch reference on the same device: how torch divides by a
+  Python scalar (a reciprocal multiply on CUDA) and whether its addcmul fuses are measured once
+  per device (`_scalar_division`, `_addcmul_is_fused`), and Triton's own FMA contraction is
+  switched off for this kernel. A change to march_torch's arithmetic must be mirrored here (the
+  tests compare bit for bit).
   Any other occupancy callable (or float64 rays) falls back to march_torch.
 
 Triton is imported lazily: importing this module never fails where triton is missing. Kernels
@@ -392,14 +394,17 @@ def _kernel_sources():
 
     def _march_kernel(
         o_ptr, d_ptr, near_ptr, far_ptr, jit_ptr, grid_ptr, off_ptr, cnt_ptr, ray_out_ptr, t_out_ptr, dt_out_ptr,
-        R, n_samples, n_f, inv_n, radius, inv_r, G, g_f,
-        HAS_JIT: tl.constexpr, HAS_GRID: tl.constexpr, RECIP_N: tl.constexpr, RECIP_R: tl.constexpr,
+        R, n_samples, n_f, inv_n, scale, offset, G,
+        HAS_JIT: tl.constexpr, HAS_GRID: tl.constexpr, RECIP_N: tl.constexpr, FMA: tl.constexpr,
         WRITE: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        # Mirrors march_torch op by op: u = s + jitter; t = near + (far - near) * (u / n);
-        # p = o + d t; cell = clamp(floor((p / radius + 1) * 0.5 * G), 0, G - 1). torch on CUDA
-        # divides by a Python scalar as a multiply by its reciprocal (RECIP_*), on CPU it divides
-        # (see _scalar_division).
+        # Mirrors march_torch and OccupancyGrid.__call__ op by op:
+        #   step = (far - near) / n;  u = s + jitter;  t = addcmul(near, step, u);
+        #   p = addcmul(o, d, t);  cell = clamp(int32(p * (0.5 G / radius) + 0.5 G), 0, G - 1).
+        # How torch rounds on the device is measured by the caller: division by a Python scalar
+        # is a multiply by a reciprocal on CUDA (RECIP_N), and addcmul is one fused multiply-add
+        # (FMA) or a multiply then an add. FMA contraction is off for this kernel, so the rest of
+        # the arithmetic rounds exactly like torch's separate ops.
         pid = tl.program_id(0)
         rays = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rays < R
@@ -413,9 +418,9 @@ def _kernel_sources():
         far = tl.load(far_ptr + rays, mask=rm, other=0.0)
         span = far - near
         if RECIP_N:
-            delta = span * inv_n
+            step = span * inv_n
         else:
-            delta = tl.math.div_rn(span, tl.zeros([BLOCK_R], dtype=tl.float32) + n_f)
+            step = tl.math.div_rn(span, tl.zeros([BLOCK_R], dtype=tl.float32) + n_f)
         valid = rm & (far > near)
         count = tl.zeros([BLOCK_R], dtype=tl.int32)
         if WRITE:
@@ -425,38 +430,30 @@ def _kernel_sources():
                 u = s + tl.load(jit_ptr + rays * n_samples + s, mask=rm, other=0.0)
             else:
                 u = tl.zeros([BLOCK_R], dtype=tl.float32) + (s + 0.5)
-            if RECIP_N:
-                q = u * inv_n
+            if FMA:
+                t = tl.fma(step, u, near)
             else:
-                q = tl.math.div_rn(u, tl.zeros([BLOCK_R], dtype=tl.float32) + n_f)
-            t = near + span * q
+                t = near + step * u
             keep = valid
             if HAS_GRID:
-                px = ox + dx * t
-                py = oy + dy * t
-                pz = oz + dz * t
-                if RECIP_R:
-                    ax = px * inv_r
-                    ay = py * inv_r
-                    az = pz * inv_r
+                if FMA:
+                    px = tl.fma(dx, t, ox)
+                    py = tl.fma(dy, t, oy)
+                    pz = tl.fma(dz, t, oz)
                 else:
-                    rr = tl.zeros([BLOCK_R], dtype=tl.float32) + radius
-                    ax = tl.math.div_rn(px, rr)
-                    ay = tl.math.div_rn(py, rr)
-                    az = tl.math.div_rn(pz, rr)
-                ax = (ax + 1.0) * 0.5 * g_f
-                ay = (ay + 1.0) * 0.5 * g_f
-                az = (az + 1.0) * 0.5 * g_f
-                ix = tl.minimum(tl.maximum(tl.floor(ax), 0.0), g_f - 1.0).to(tl.int32)
-                iy = tl.minimum(tl.maximum(tl.floor(ay), 0.0), g_f - 1.0).to(tl.int32)
-                iz = tl.minimum(tl.maximum(tl.floor(az), 0.0), g_f - 1.0).to(tl.int32)
+                    px = ox + dx * t
+                    py = oy + dy * t
+                    pz = oz + dz * t
+                ix = tl.minimum(tl.maximum((px * scale + offset).to(tl.int32), 0), G - 1)
+                iy = tl.minimum(tl.maximum((py * scale + offset).to(tl.int32), 0), G - 1)
+                iz = tl.minimum(tl.maximum((pz * scale + offset).to(tl.int32), 0), G - 1)
                 occ = tl.load(grid_ptr + (ix * G + iy) * G + iz, mask=keep, other=0)
                 keep = keep & (occ != 0)
             if WRITE:
                 pos = base + count
                 tl.store(ray_out_ptr + pos, rays, mask=keep)
                 tl.store(t_out_ptr + pos, t, mask=keep)
-                tl.store(dt_out_ptr + pos, delta, mask=keep)
+                tl.store(dt_out_ptr + pos, step, mask=keep)
             count += keep.to(tl.int32)
         if not WRITE:
             tl.store(cnt_ptr + rays, count, mask=rm)
@@ -762,6 +759,22 @@ def _f32(value: float) -> float:
     return float(np.float32(value))
 
 
+@lru_cache(maxsize=8)
+def _addcmul_is_fused(device: str) -> bool:
+    """Whether torch.addcmul(a, b, c) on `device` rounds once (a fused multiply-add) or twice.
+
+    Compared on random float32 probes against a + b * c (two roundings) and the float64
+    evaluation (one rounding, as an FMA, up to rare double-rounding ties).
+    """
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    a, b, c = (torch.rand(1 << 14, device=dev, generator=g) * k for k in (3.0, 0.1, 64.0))
+    result = torch.addcmul(a, b, c)
+    fused = (a.double() + b.double() * c.double()).float()
+    separate = a + b * c
+    return int((result != fused).sum()) <= int((result != separate).sum())
+
+
 @lru_cache(maxsize=64)
 def _scalar_division(value: float, device: str) -> tuple[bool, float]:
     """How torch divides a float32 tensor by the Python scalar `value` on `device`.
@@ -800,7 +813,11 @@ def march_triton(
         if jit.shape != (n_rays, n_samples):
             raise ValueError(f"jitter of shape {tuple(jit.shape)}, expected {(n_rays, n_samples)}")
     elif jitter:
-        jit = torch.rand(n_rays, n_samples, device=device)  # the draw march_torch makes
+        # The draw march_torch makes: one row per ray that enters its bounds (far > near).
+        rays_in = torch.nonzero(far > near).squeeze(1)
+        draw = torch.rand(rays_in.numel(), n_samples, device=device, dtype=origins.dtype)
+        jit = torch.zeros(n_rays, n_samples, device=device, dtype=torch.float32)
+        jit[rays_in] = draw.float()
     else:
         jit = None
     empty = Samples(
@@ -822,18 +839,22 @@ def march_triton(
     else:
         occ, radius, g = o, 1.0, 1
     recip_n, inv_n = _scalar_division(n_samples, str(device))
-    recip_r, inv_r = _scalar_division(radius, str(device)) if grid_info is not None else (False, 0.0)
     scalars = dict(
         R=n_rays,
         n_samples=n_samples,
         n_f=float(n_samples),
         inv_n=inv_n,
-        radius=_f32(radius),
-        inv_r=inv_r,
+        scale=_f32(0.5 * g / radius),  # OccupancyGrid.__call__: points * (0.5 g / radius) + 0.5 g
+        offset=_f32(0.5 * g),
         G=g,
-        g_f=float(g),
     )
-    flags = dict(HAS_JIT=jit is not None, HAS_GRID=grid_info is not None, RECIP_N=recip_n, RECIP_R=recip_r, BLOCK_R=MARCH_BLOCK_R)
+    flags = dict(
+        HAS_JIT=jit is not None,
+        HAS_GRID=grid_info is not None,
+        RECIP_N=recip_n,
+        FMA=_addcmul_is_fused(str(device)),
+        BLOCK_R=MARCH_BLOCK_R,
+    )
     kernel = _kernels()["march"]
     launch = (triton_cdiv(n_rays, MARCH_BLOCK_R),)
     counts = torch.empty(n_rays, dtype=torch.int32, device=device)
