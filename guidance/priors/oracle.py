@@ -49,7 +49,8 @@ from torch import Tensor
 
 from distill3d.engine.cameras import Cameras
 from distill3d.engine.interfaces import BuildContext, Condition, Prior, RenderOutput
-from distill3d.engine.reference_scene import DEFAULT_SCENE, PrimitiveScene, load_scene
+from distill3d.engine.reference_scene import DEFAULT_SCENE
+from distill3d.engine.references import load_reference
 
 
 @dataclass
@@ -96,7 +97,8 @@ class OraclePrior(Prior):
             source = ctx.reference
         else:
             source = DEFAULT_SCENE
-        self.scene: PrimitiveScene = load_scene(source)
+        # Any reference with an exact render: analytic scene file or mesh file.
+        self.scene = load_reference(source)
         self.num_train_timesteps = config.num_train_timesteps
         self.register_buffer(
             "alphas_cumprod",

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill3d.engine.backends import resolve_op
+from distill3d.engine.backends import choose, resolve_op
 from distill3d.engine.cameras import Cameras, pixel_rays
 from distill3d.engine.interfaces import BuildContext, RenderOutput, RenderSettings, Representation
 from distill3d.engine.schedules import Schedule, ScheduleSpec
@@ -82,6 +82,9 @@ class HashGridNeRF(Representation):
     def __init__(self, config: NeRFConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         validate_mix(config.shading.train_mix)
+        # A forced backend that cannot run here is an error now, not at the first step.
+        for op, backend in (("hash_encoding", config.hash_encoding_backend), ("composite", config.composite_backend), ("march", config.march_backend)):
+            choose(op, backend, ctx.device)
         enc = HashEncodingConfig(
             levels=config.levels,
             features=config.features_per_level,

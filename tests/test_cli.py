@@ -1,0 +1,77 @@
+"""The command line as a user runs it: clear one-line errors, listings, exports."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_trainer import TINY
+
+
+def run(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "distill3d.engine.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def sets(items):
+    return sum((["--set", s] for s in items), [])
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["generate", "  ", "--recipe", "oracle-nerf"], "the prompt is empty"),
+        (["generate", "a cat", "--recipe", "nope"], "unknown recipe 'nope'; shipped recipes: .*oracle-nerf"),
+        (["demo", "--set", "representation.levelz=3"], "unknown config key representation.levelz"),
+        (["demo", "--set", "trainer.steps=lots"], "trainer.steps: expected an integer"),
+        (["demo", "--set", "guidance.0.name=magic"], r"unknown guidance 'magic'; available: .*sds"),
+        (["demo", "--set", "representation.hash_encoding_backend=cuda-magic"], "unknown backend 'cuda-magic'"),
+        (["demo", "--scene", "/nonexistent/scene.json"], "does not exist"),
+        (["resume", "/nonexistent/run"], "not a run directory"),
+        (["export", "/nonexistent/run", "--format", "fbx"], "unknown export format 'fbx'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, fragment, tmp_path):
+    code, _, err = run(*args, "--out", str(tmp_path / "r")) if args[0] in ("demo", "generate") else run(*args)
+    assert code != 0
+    assert "Traceback" not in err
+    assert err.startswith("error: ")
+    import re
+
+    assert re.search(fragment, err), err
+
+
+def test_bad_scene_file_names_the_field(tmp_path):
+    scene = tmp_path / "scene.json"
+    scene.write_text(json.dumps({"primitives": [{"type": "cone", "center": [0, 0, 0], "color": [1, 0, 0]}]}))
+    code, _, err = run("demo", "--scene", str(scene), "--out", str(tmp_path / "r"))
+    assert code == 2 and "cone" in err and "sphere" in err and "Traceback" not in err
+
+
+def test_plugins_and_doctor():
+    code, out, _ = run("plugins")
+    assert code == 0
+    assert "nerf" in out and "sds" in out and "oracle" in out and "[ok]" in out
+    code, out, _ = run("doctor")
+    assert code == 0
+    for op in ("hash_encoding", "composite", "march"):
+        assert op in out
+    assert "cuda" in out and "torch" in out
+
+
+def test_recipes_listing():
+    code, out, _ = run("recipes")
+    assert code == 0 and "oracle-nerf" in out
+
+
+def test_export_video_from_a_run(tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run("demo", "--steps", "2", "--out", str(out), "--quiet", *sets(TINY))
+    assert code == 0, err
+    code, stdout, err = run("export", str(out), "--format", "gif", "--frames", "3", "--resolution", "16", "--out", str(tmp_path / "t.gif"))
+    assert code == 0, err
+    import imageio.v3 as iio
+
+    frames = iio.imread(tmp_path / "t.gif")
+    assert frames.shape[0] == 3 and frames.shape[1:3] == (16, 16)
