@@ -29,13 +29,18 @@ class Backend:
     unavailable_reason: Callable[[torch.device], str | None]
     load: Callable[[], Callable]
     priority: int  # higher wins under "auto"
+    # Device types where "auto" may pick it (None: any device where it is available). The Triton
+    # interpreter can run on CPU when forced, but auto must never choose it there.
+    auto_devices: tuple[str, ...] | None = None
 
 
 _OPS: dict[str, dict[str, Backend]] = {}
 
 
-def register_backend(op: str, name: str, load: Callable[[], Callable], unavailable_reason=None, priority: int = 0) -> None:
-    _OPS.setdefault(op, {})[name] = Backend(name, unavailable_reason or (lambda device: None), load, priority)
+def register_backend(
+    op: str, name: str, load: Callable[[], Callable], unavailable_reason=None, priority: int = 0, auto_devices: tuple[str, ...] | None = None
+) -> None:
+    _OPS.setdefault(op, {})[name] = Backend(name, unavailable_reason or (lambda device: None), load, priority, auto_devices)
     _resolve.cache_clear()
 
 
@@ -68,7 +73,10 @@ def choose(op: str, backend: str, device: torch.device) -> str:
     table = _OPS[op]
     if backend == "auto":
         for name in backends_for(op):
-            if table[name].unavailable_reason(device) is None:
+            entry = table[name]
+            if entry.auto_devices is not None and device.type not in entry.auto_devices:
+                continue
+            if entry.unavailable_reason(device) is None:
                 return name
         raise BackendUnavailable(f"no backend for {op!r} can run on {device}")
     if backend not in table:

@@ -39,14 +39,15 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def cell_index(self, points: Tensor) -> Tensor:
+        """Integer cell (P, 3) of world points inside the grid's cube (truncation = floor there).
+        The Triton marcher mirrors this arithmetic operation for operation."""
         g = self.config.resolution
-        ijk = ((points / self.radius + 1) * 0.5 * g).floor().long().clamp(0, g - 1)
-        return ijk
+        return (points * (0.5 * g / self.radius) + 0.5 * g).to(torch.int32).clamp_(0, g - 1)
 
     def __call__(self, points: Tensor) -> Tensor:
         """Occupied flags (P,) for world points (P, 3)."""
         g = self.config.resolution
-        cell = (points * (0.5 * g / self.radius) + 0.5 * g).to(torch.int32).clamp_(0, g - 1)
+        cell = self.cell_index(points)
         flat = (cell[:, 0] * (g * g) + cell[:, 1] * g + cell[:, 2]).long()
         return self.occupied.view(-1)[flat]
 

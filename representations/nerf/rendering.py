@@ -90,9 +90,12 @@ def march_torch(
     far: Tensor,
     n_samples: int,
     occupied: "OccupancyQuery | None",
-    jitter: bool,
+    jitter: "bool | Tensor",
 ) -> Samples:
     """Stratified samples between near and far, keeping only those in occupied cells.
+
+    jitter: False (interval midpoints), True (uniform random offsets), or explicit offsets
+    (R, n_samples) in [0, 1), so other backends can be compared on the same samples.
 
     origins, dirs: (R, 3); near, far: (R,). Rays with far <= near produce no samples. Only rays
     that enter the bounds are expanded to candidate samples, and the occupancy test runs before
@@ -104,7 +107,10 @@ def march_torch(
     o, d, n0 = origins[rays], dirs[rays], near[rays]
     step = (far[rays] - n0) / n_samples
     u = torch.arange(n_samples, dtype=origins.dtype, device=device)
-    u = u + (torch.rand(rays.numel(), n_samples, device=device, dtype=origins.dtype) if jitter else 0.5)
+    if isinstance(jitter, Tensor):
+        u = u + jitter[rays].to(origins.dtype)
+    else:
+        u = u + (torch.rand(rays.numel(), n_samples, device=device, dtype=origins.dtype) if jitter else 0.5)
     t_mid = torch.addcmul(n0[:, None], step[:, None], u)  # (r, S)
     if occupied is not None:
         points = torch.addcmul(o[:, None, :], d[:, None, :], t_mid[..., None])
