@@ -170,31 +170,51 @@ def resume(
     _run_and_report(trainer)
 
 
+VIDEO_FORMATS = ("mp4", "gif")
+MESH_FORMATS = ("obj", "glb", "ply")
+
+
 @app.command()
 @friendly_errors
 def export(
     run_dir: Path = typer.Argument(..., help="Run directory."),
-    format: str = typer.Option("mp4", "--format", help="mp4 | gif"),
-    frames: Optional[int] = typer.Option(None, help="Turntable frames (default: the recipe's)."),
-    resolution: Optional[int] = typer.Option(None, help="Image/texture resolution (default: the recipe's)."),
-    out: Optional[Path] = typer.Option(None, help="Output file (default: RUN_DIR/turntable.<format>)."),
+    format: str = typer.Option("glb", "--format", help="glb | obj | ply (textured mesh) or mp4 | gif (turntable)."),
+    resolution: Optional[int] = typer.Option(None, help="Mesh: marching-cubes grid (default 128). Video: frame size (default: the recipe's)."),
+    decimate: Optional[int] = typer.Option(None, help="Mesh: reduce to about this many faces."),
+    texture_size: int = typer.Option(1024, help="Mesh: baked albedo texture size."),
+    frames: Optional[int] = typer.Option(None, help="Video: turntable frames (default: the recipe's)."),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: RUN_DIR/mesh.<format> or RUN_DIR/turntable.<format>)."),
 ):
-    """Export a run: turntable video (mp4, gif)."""
+    """Export a run: a textured mesh (GLB, OBJ+MTL+PNG, PLY with vertex colours) or a turntable video."""
     from distill3d.engine.trainer import Trainer
-    from distill3d.engine.video import render_turntable, write_video
 
     fmt = format.lower()
-    if fmt not in ("mp4", "gif"):
-        raise UserError(f"unknown export format {format!r}; available: mp4, gif")
+    if fmt not in VIDEO_FORMATS + MESH_FORMATS:
+        raise UserError(f"unknown export format {format!r}; available: {', '.join(MESH_FORMATS + VIDEO_FORMATS)}")
     trainer = Trainer.resume(run_dir, quiet=True)
     if trainer.start_step == 0:
         raise UserError(f"{run_dir} has no checkpoint yet; nothing to export")
-    tc = trainer.recipe.trainer
-    trainer.representation.eval()
-    images = render_turntable(trainer.representation, trainer.sampler, frames or tc.video_frames, resolution or tc.video_resolution)
-    path = out or Path(run_dir) / f"turntable.{fmt}"
-    write_video(images, path, tc.video_fps)
-    typer.echo(str(path))
+    representation = trainer.representation.eval()
+    if fmt in VIDEO_FORMATS:
+        from distill3d.engine.video import render_turntable, write_video
+
+        tc = trainer.recipe.trainer
+        images = render_turntable(representation, trainer.sampler, frames or tc.video_frames, resolution or tc.video_resolution)
+        path = out or Path(run_dir) / f"turntable.{fmt}"
+        write_video(images, path, tc.video_fps)
+        typer.echo(str(path))
+        return
+    from distill3d.representations.mesh.mesh_io import save_mesh
+
+    mesh, info = representation.export_mesh(resolution or 128, decimate, texture_size)
+    written = save_mesh(mesh, out or Path(run_dir) / f"mesh.{fmt}")
+    typer.echo(
+        f"{info.faces_final} faces (marching cubes {info.faces_marching_cubes}, threshold {info.threshold:.3g}), "
+        f"texture {info.texture_size}^2",
+        err=True,
+    )
+    for path in written:
+        typer.echo(str(path))
 
 
 @app.command()

@@ -98,6 +98,10 @@ class Representation(nn.Module):
     def after_backward(self, step: int, out: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
         """Hook after backward, before the optimizer step (densification of Gaussians)."""
 
+    def export_mesh(self, resolution: int = 128, target_faces: int | None = None, texture_size: int = 1024):
+        """A textured surface mesh: (distill3d.representations.mesh.mesh_io.Mesh, ExportInfo)."""
+        raise NotImplementedError(f"{type(self).__name__} does not export meshes")
+
     def extra_state(self) -> dict:
         """Non-tensor state to checkpoint beyond state_dict()."""
         return {}

@@ -75,3 +75,19 @@ def test_export_video_from_a_run(tmp_path):
 
     frames = iio.imread(tmp_path / "t.gif")
     assert frames.shape[0] == 3 and frames.shape[1:3] == (16, 16)
+
+
+def test_export_mesh_from_a_nerf_run(tmp_path):
+    import trimesh
+
+    out = tmp_path / "run"
+    code, _, err = run("demo", "--steps", "30", "--out", str(out), "--quiet", *sets(TINY))
+    assert code == 0, err
+    code, stdout, err = run("export", str(out), "--format", "glb", "--resolution", "48", "--texture-size", "64")
+    assert code == 0, err
+    glb = out / "mesh.glb"
+    assert stdout.strip() == str(glb)
+    mesh = trimesh.load(glb, force="mesh")
+    assert len(mesh.faces) > 100
+    assert mesh.visual.material.baseColorTexture is not None
+    assert not list(out.glob(".*tmp*"))

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from distill3d.engine.errors import UserError
 
 __all__ = [
     "EmptySurfaceError",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class EmptySurfaceError(ValueError):
+class EmptySurfaceError(UserError, ValueError):
     """Nothing to mesh: no value above the threshold (or no crossing)."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from distill3d.engine.errors import UserError
 
 __all__ = [
     "Mesh",
@@ -39,7 +40,7 @@ __all__ = [
 SUPPORTED_FORMATS = (".obj", ".glb", ".gltf", ".ply")
 
 
-class MeshLoadError(ValueError):
+class MeshLoadError(UserError, ValueError):
     """A mesh file that cannot be used: unreadable, without faces, or not normalisable."""
 
 
@@ -220,20 +221,10 @@ def load_mesh(path: str | os.PathLike) -> Mesh:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from distill3d.engine.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _png_bytes(image01: Tensor) -> bytes:

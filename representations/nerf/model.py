@@ -204,6 +204,19 @@ class HashGridNeRF(Representation):
         facing = (normals * dirs[samples.ray_indices]).sum(-1).clamp_min(0) ** 2
         return (weights.detach() * facing).sum() / max(samples.n_rays, 1)
 
+    # ----- export ------------------------------------------------------------------------
+    @torch.no_grad()
+    def export_mesh(self, resolution: int = 128, target_faces: int | None = None, texture_size: int = 1024):
+        """Marching cubes on the density at an automatic threshold (mean positive density), small
+        components removed, optional decimation, xatlas UV unwrap and a baked albedo texture."""
+        from distill3d.representations.mesh.texture_bake import mesh_from_fields
+
+        r = self.config.radius
+        return mesh_from_fields(
+            self.density, lambda p: self.field(p)[1], bounds=((-r, -r, -r), (r, r, r)), resolution=resolution,
+            target_faces=target_faces, texture_size=texture_size,
+        )
+
     # ----- training hooks ----------------------------------------------------------------
     def regularizers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         terms = {}
