@@ -11,7 +11,7 @@ Run directory layout:
 from __future__ import annotations
 
 import json
-import math
+import os
 import signal
 import sys
 import time
@@ -78,7 +78,7 @@ class Trainer:
             prompt=recipe.prompt,
             negative_prompt=recipe.negative_prompt,
             run_dir=self.run_dir,
-            cache_dir=Path.home() / ".cache" / "distill3d",
+            cache_dir=Path(os.environ.get("DISTILL3D_CACHE", Path.home() / ".cache" / "distill3d")),
             reference=reference,
             half_precision=self.device.type == "cuda" and tc.mixed_precision,
         )

@@ -1,12 +1,15 @@
 """Shared test setup: offline, deterministic, small."""
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Caches written by tests (text embeddings) stay out of the user's home.
+os.environ.setdefault("DISTILL3D_CACHE", tempfile.mkdtemp(prefix="distill3d-test-cache-"))
 
 
 @pytest.fixture(autouse=True)

@@ -315,6 +315,12 @@ def load_component(
     if source.ref == source.hub_id:  # loading by id (downloading); a folder has no revision
         kw["revision"] = source.revision
     kw["local_files_only"] = source.local_files_only
+    if variant and source.folder is not None:
+        # A local folder saved without the variant (e.g. --model DIR with plain weights): the
+        # variant is a download-size choice, so fall back to the plain files that are there.
+        folder = Path(source.folder) / subfolder
+        if folder.is_dir() and not any(f".{variant}." in p.name for p in folder.iterdir()):
+            variant = None
     if variant:
         kw["variant"] = variant
     if dtype is not None:
