@@ -10,6 +10,7 @@ dense rows x + y (res+1) + z (res+1)^2 when (res+1)^3 fits the table, else the I
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -96,6 +97,12 @@ def special_points(config: HashEncodingConfig, dtype=torch.float32) -> torch.Ten
         pts.append(k / res)  # exactly on cell boundaries (corners at multiples of 1/res)
     pts.append(torch.tensor([[-0.2, 0.5, 1.3], [1.5, -1.0, 0.25]], dtype=torch.float64))
     return torch.cat(pts).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _threads_even_for_small_inputs(monkeypatch):
+    # The worker-thread path is normally skipped below MIN_PARALLEL_POINTS points.
+    monkeypatch.setattr(he, "MIN_PARALLEL_POINTS", 0)
 
 
 @pytest.fixture(params=["default", "real-columns", "serial", "chunked"])
@@ -222,11 +229,26 @@ def test_worker_threads_give_identical_results(monkeypatch):
     table = torch.randn((1 << config.log2_table_size) * config.levels, 2, requires_grad=True)
     x = torch.rand(300, 3, requires_grad=True)
     grad_out = torch.randn(300, config.levels * 2)
-    results = []
-    for parallel in (True, False):
-        monkeypatch.setattr(he, "PARALLEL_LEVELS", parallel)
-        out = hash_encode_torch(x, table, config)
-        results.append((out, *torch.autograd.grad(out, (x, table), grad_out)))
+    threads_seen = set()
+    corners = he._corners
+
+    def spy(*args):
+        threads_seen.add(threading.current_thread().name)
+        return corners(*args)
+
+    monkeypatch.setattr(he, "_corners", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for parallel in (True, False):
+            monkeypatch.setattr(he, "PARALLEL_LEVELS", parallel)
+            out = hash_encode_torch(x, table, config)
+            results.append((out, *torch.autograd.grad(out, (x, table), grad_out)))
+    finally:
+        torch.set_num_threads(before)
+    if he._omp_set_num_threads() is not None:
+        assert any(name.startswith("hash-encoding") for name in threads_seen)  # workers did run
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -264,3 +286,18 @@ def test_gradient_buffer_reuse_never_clobbers_live_gradients():
     assert torch.equal(enc.embeddings.grad, snapshot)
     enc(x).backward(g2)  # accumulation into an existing .grad
     torch.testing.assert_close(enc.embeddings.grad, snapshot + second)
+
+
+def test_float64_points_with_float32_table(impl):
+    config = SMALL
+    x = special_points(config, torch.float64).requires_grad_()
+    table = torch.randn((1 << config.log2_table_size) * config.levels, 2, requires_grad=True)
+    out = hash_encode_torch(x, table, config)
+    assert out.dtype == torch.float32
+    grad_out = torch.randn_like(out)
+    ref, _, ref_gtable, ref_gx = naive_encode(x, table, config, grad_out)  # pos in float64, like x
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    gx, gtable = torch.autograd.grad(out, (x, table), grad_out)
+    assert gx.dtype == torch.float64
+    torch.testing.assert_close(gtable.double(), dense(ref_gtable, table), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, ref_gx, atol=1e-3, rtol=1e-4)

@@ -34,6 +34,7 @@ How this is made fast on a CPU (measurements in benchmarks/bench_hash_encoding.p
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ class HashEncodingConfig:
     features: int = 2
     log2_table_size: int = 19
     base_resolution: int = 16
-    per_level_scale: float = 1.4472692374403782  # 16 levels from 16 to 2048
+    per_level_scale: float = 1.4472692374403782  # 16 levels from 16 to 4096
     init_std: float = 1e-4
 
 
@@ -90,50 +91,90 @@ def _plan(config: HashEncodingConfig) -> tuple:
     return _plan_cached(config.levels, config.log2_table_size, config.base_resolution, float(config.per_level_scale))
 
 
-def _axis_weights(frac: Tensor) -> Tensor:
-    """(2, 3, n): per-axis weights for offset 0 (1 - frac) and offset 1 (frac); frac is (3, n)."""
-    return torch.stack([1 - frac, frac])
+class _Scratch:
+    """Named scratch arrays for one chunk of points, reused from call to call.
 
-
-def _trilinear(wt: Tensor) -> Tensor:
-    """(8, n) corner weights from per-axis weights (2, 3, n), corner k = kx + 2 ky + 4 kz."""
-    wzy = wt[:, 2, None] * wt[None, :, 1]  # (2z, 2y, n)
-    return (wzy[:, :, None] * wt[None, None, :, 0]).view(8, wt.shape[-1])
-
-
-def _corner_rows(xt: Tensor, res: int, dense: bool, log2_table_size: int) -> tuple[Tensor, Tensor]:
-    """Corner rows within the level's table slice and frac, for clamped points xt (3, n).
-
-    Returns rows (8 * n,) int32 (int64 for tables over 2^30 rows), corner-major (row of corner k
-    of point i at k * n + i), and frac (3, n) in xt's dtype.
+    Every array a level needs for a chunk is written with out= into these, so the hot loop
+    allocates nothing: fresh multi-megabyte allocations cost page faults (glibc returns freed
+    memory of worker-thread arenas to the kernel eagerly). One instance per thread and device
+    (see `_scratch`); on non-CPU devices every request allocates (no reuse across streams).
     """
+
+    def __init__(self, reuse: bool):
+        self.reuse = reuse
+        self.buffers: dict = {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+        numel = math.prod(shape)
+        if not self.reuse:
+            return torch.empty(shape, dtype=dtype, device=device)
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            with torch.inference_mode(False):  # usable in and out of inference mode
+                buf = torch.empty(max(numel, CHUNK * (math.prod(shape) // max(shape[-1], 1))), dtype=dtype, device=device)
+            self.buffers[(name, dtype)] = buf
+        return buf[:numel].view(shape)
+
+
+_THREAD = threading.local()
+
+
+def _scratch(device: torch.device) -> _Scratch:
+    if device.type != "cpu":
+        return _Scratch(reuse=False)
+    scratch = getattr(_THREAD, "scratch", None)
+    if scratch is None:
+        scratch = _THREAD.scratch = _Scratch(reuse=True)
+    return scratch
+
+
+def _corners(xt: Tensor, res: int, dense: bool, log2_table_size: int, scratch: _Scratch) -> tuple[Tensor, Tensor]:
+    """Corner rows within the level's table slice, and per-axis weights, for clamped xt (3, m).
+
+    Returns rows (8 * m,) int32 (int64 for tables over 2^30 rows), corner-major (corner k of
+    point i at k * m + i, corner k = kx + 2 ky + 4 kz), and wt (2, 3, m) in xt's dtype: wt[0] =
+    1 - frac, wt[1] = frac. Both are scratch arrays, valid until the next call.
+    """
+    m, device = xt.shape[1], xt.device
     wide = log2_table_size > 30
     itype = torch.int64 if wide else torch.int32
-    pos = xt * res
-    cell = pos.to(itype).clamp_max_(res - 1)  # pos >= 0, so truncation is floor
+    wt = scratch.get("wt", (2, 3, m), xt.dtype, device)
+    cell = scratch.get("cell", (3, m), itype, device)
+    pos = torch.mul(xt, res, out=wt[1])
+    cell.copy_(pos).clamp_max_(res - 1)  # pos >= 0, so truncation is floor
     frac = pos.sub_(cell)
+    torch.neg(frac, out=wt[0]).add_(1)
     if dense:
         r1 = res + 1
         mult = (1, r1, r1 * r1)
     else:
         mult = PRIMES if wide else PRIMES_I32
-    tx = cell[0]
-    ty = cell[1] * mult[1]
-    tz = cell[2] * mult[2]
-    ax = torch.stack([tx, tx + 1])
-    ay = torch.stack([ty, ty + mult[1]])
-    az = torch.stack([tz, tz + mult[2]])
+    axes = scratch.get("axes", (3, 2, m), itype, device)  # per axis: term for offset 0, offset 1
+    for a in range(3):
+        torch.mul(cell[a], mult[a], out=axes[a, 0])
+        torch.add(axes[a, 0], mult[a], out=axes[a, 1])
+    ax, ay, az = axes
+    zy = scratch.get("zy", (2, 2, m), itype, device)
+    rows = scratch.get("rows", (2, 2, 2, m), itype, device)
     if dense:
-        rows = (az[:, None] + ay[None, :])[:, :, None] + ax[None, None, :]
+        torch.add(az[:, None], ay[None, :], out=zy)
+        torch.add(zy[:, :, None], ax[None, None, :], out=rows)
     else:
         mask = (1 << log2_table_size) - 1
-        rows = (az[:, None] ^ ay[None, :]).bitwise_and_(mask)[:, :, None] ^ ax.bitwise_and_(mask)[None, None, :]
-    return rows.view(-1), frac
+        torch.bitwise_xor(az[:, None], ay[None, :], out=zy).bitwise_and_(mask)
+        torch.bitwise_xor(zy[:, :, None], ax.bitwise_and_(mask)[None, None, :], out=rows)
+    return rows.view(-1), wt
 
 
-def _clamped_t(x: Tensor) -> Tensor:
-    """x (N, 3) -> clamp(x, 0, 1) as a contiguous (3, N) array."""
-    return x.detach().t().contiguous().clamp_(0.0, 1.0)
+def _weights_zy(wt: Tensor, scratch: _Scratch) -> Tensor:
+    """(2z, 2y, m) products of the z and y weights."""
+    return torch.mul(wt[:, 2, None], wt[None, :, 1], out=scratch.get("wzy", (2, 2, wt.shape[-1]), wt.dtype, wt.device))
+
+
+def _trilinear(wt: Tensor) -> Tensor:
+    """(8, m) corner weights from per-axis weights (2, 3, m) (out of place: differentiable)."""
+    wzy = wt[:, 2, None] * wt[None, :, 1]
+    return (wzy[:, :, None] * wt[None, None, :, 0]).view(8, wt.shape[-1])
 
 
 def _columns(table: Tensor) -> tuple[Tensor, bool]:
@@ -154,25 +195,41 @@ def _encode_forward(x: Tensor, emb: Tensor, config: HashEncodingConfig) -> Tenso
     plan = _plan(config)
     cols, paired = _columns(emb)
     ncol = cols.shape[1]
-    out_t = torch.empty(levels, ncol, n, dtype=cols.dtype, device=emb.device)
-    xt = _clamped_t(x)
+    device = emb.device
+    xt = torch.empty(3, n, dtype=x.dtype, device=device)
+    out_t = torch.empty(levels, ncol, n, dtype=cols.dtype, device=device)
+    out = torch.empty(n, levels * config.features, dtype=emb.dtype, device=device)
+
+    def transpose_x(rng):
+        torch.clamp(x[rng].t(), 0.0, 1.0, out=xt[:, rng])
 
     def level_chunk(item):
-        level, start, stop = item
+        level, rng = item
         res, dense = plan[level]
+        scratch = _scratch(device)
+        rows, wt = _corners(xt[:, rng], res, dense, log2, scratch)
+        m = wt.shape[-1]
+        w = scratch.get("w", (2, 2, 2, m), wt.dtype, device)
+        torch.mul(_weights_zy(wt, scratch)[:, :, None], wt[None, None, :, 0], out=w)
+        w = w.view(8, m).to(emb.dtype)
         level_cols = cols[level * table_size : (level + 1) * table_size]
-        rows, frac = _corner_rows(xt[:, start:stop], res, dense, log2)
-        w = _trilinear(_axis_weights(frac)).to(emb.dtype)
+        vals = scratch.get("vals", (8, m), cols.dtype, device)
         for c in range(ncol):
-            vals = level_cols[:, c].index_select(0, rows).view(8, stop - start)
-            torch.sum(vals.mul_(w), 0, out=out_t[level, c, start:stop])
+            torch.index_select(level_cols[:, c], 0, rows, out=vals.view(-1))
+            torch.sum(vals.mul_(w), 0, out=out_t[level, c, rng])
 
-    chunks = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
-    _run_levels(level_chunk, [(level, s, e) for level in _costly_first(plan) for s, e in chunks], emb.device)
-    if paired:
-        out_t = torch.view_as_real(out_t)  # (L, C, n, 2)
-        return out_t.permute(2, 0, 1, 3).reshape(n, levels * config.features)
-    return out_t.permute(2, 0, 1).reshape(n, levels * config.features)
+    def transpose_out(rng):
+        block = out_t[:, :, rng]
+        if paired:  # (L, C, m) complex -> (m, L, C, 2) real
+            out[rng].view(-1, levels, ncol, 2).copy_(torch.view_as_real(block).permute(2, 0, 1, 3))
+        else:
+            out[rng].view(-1, levels, ncol).copy_(block.permute(2, 0, 1))
+
+    parallel = n >= MIN_PARALLEL_POINTS
+    _run(transpose_x, _ranges(n), device, parallel)
+    _run(level_chunk, [(level, rng) for level in _costly_first(plan) for rng in _ranges(n, CHUNK)], device, parallel)
+    _run(transpose_out, _ranges(n), device, parallel)
+    return out
 
 
 def _encode_backward(x: Tensor, emb: Tensor, grad_out: Tensor, config: HashEncodingConfig, need_x: bool, need_emb: bool):
@@ -181,33 +238,42 @@ def _encode_backward(x: Tensor, emb: Tensor, grad_out: Tensor, config: HashEncod
     plan = _plan(config)
     cols, paired = _columns(emb)
     ncol = cols.shape[1]
-    grad_out = grad_out.to(emb.dtype).contiguous()
-    if paired:
-        g_t = torch.view_as_complex(grad_out.view(n, levels, ncol, 2)).permute(1, 2, 0).contiguous()  # (L, C, n)
-    else:
-        g_t = grad_out.view(n, levels, ncol).permute(1, 2, 0).contiguous()
+    device = emb.device
+    grad_out = grad_out.to(emb.dtype)
+    xt = torch.empty(3, n, dtype=x.dtype, device=device)
+    g_t = torch.empty(levels, ncol, n, dtype=cols.dtype, device=device)
     grad_emb = _GRAD_POOL.empty_like(emb) if need_emb else None
     grad_cols = _columns(grad_emb)[0] if need_emb else None
-    xt = _clamped_t(x)
+    grad_x = torch.empty(n, 3, dtype=x.dtype, device=device) if need_x else None
+
+    def transpose_in(rng):
+        torch.clamp(x[rng].t(), 0.0, 1.0, out=xt[:, rng])
+        g = grad_out[rng].contiguous().view(-1, levels, ncol, 2 if paired else 1)
+        g = torch.view_as_complex(g) if paired else g[..., 0]
+        g_t[:, :, rng] = g.permute(1, 2, 0)
 
     def level_work(level):
         # One level, all points: the table-gradient slice of a level is only written here.
         res, dense = plan[level]
         sl = slice(level * table_size, (level + 1) * table_size)
+        scratch = _scratch(device)
         if need_emb:
             grad_emb[sl].zero_()  # just before the scatter: the slice is then in cache
-        level_grad_xt = torch.empty(3, n, dtype=x.dtype, device=x.device) if need_x else None
-        for start in range(0, n, CHUNK):
-            stop = min(n, start + CHUNK)
-            m = stop - start
-            rows, frac = _corner_rows(xt[:, start:stop], res, dense, log2)
-            wt = _axis_weights(frac)
-            w = _trilinear(wt).to(emb.dtype)
+        level_grad_xt = torch.empty(3, n, dtype=x.dtype, device=device) if need_x else None
+        for rng in _ranges(n, CHUNK):
+            rows, wt = _corners(xt[:, rng], res, dense, log2, scratch)
+            m = wt.shape[-1]
+            wzy = _weights_zy(wt, scratch).to(emb.dtype)
+            wx = wt[:, 0].to(emb.dtype)
             dot = None  # d loss / d (corner weight), (8, m)
             for c in range(ncol):
-                g = g_t[level, c, start:stop]
+                g = g_t[level, c, rng]
                 if need_emb:
-                    grad_cols[sl, c].index_add_(0, rows, (w * g).view(-1))
+                    # src = w * g = ((w_z w_y) g) w_x, without forming w.
+                    wzyg = torch.mul(wzy, g, out=scratch.get("wzyg", (2, 2, m), cols.dtype, device))
+                    src = scratch.get("src", (2, 2, 2, m), cols.dtype, device)
+                    torch.mul(wzyg[:, :, None], wx[None, None], out=src)
+                    grad_cols[sl, c].index_add_(0, rows, src.view(-1))
                 if need_x:
                     vals = cols[sl, c].index_select(0, rows).view(8, m)
                     term = vals.mul_(g.conj()).real if paired else vals.mul_(g)
@@ -217,19 +283,51 @@ def _encode_backward(x: Tensor, emb: Tensor, grad_out: Tensor, config: HashEncod
                 gx = ((s[:, :, 1] - s[:, :, 0]) * (wt[:, 2, None] * wt[None, :, 1])).sum((0, 1))
                 gy = ((s[:, 1] - s[:, 0]) * (wt[:, 2, None] * wt[None, :, 0])).sum((0, 1))
                 gz = ((s[1] - s[0]) * (wt[:, 1, None] * wt[None, :, 0])).sum((0, 1))
-                torch.stack([gx, gy, gz], out=level_grad_xt[:, start:stop]).mul_(res)
+                torch.stack([gx, gy, gz], out=level_grad_xt[:, rng]).mul_(res)
         return level_grad_xt
 
-    level_grads = _run_levels(level_work, _costly_first(plan), emb.device)
-    grad_x = None
-    if need_x:
-        # Summed in a fixed order, so results do not depend on thread scheduling.
-        grad_xt = level_grads[0]
+    def gather_grad_x(rng):
+        # Summed in level order, so results do not depend on thread scheduling.
+        acc = level_grads[0][:, rng].clone()
         for more in level_grads[1:]:
-            grad_xt += more
-        inside = (x >= 0) & (x <= 1)  # clamp passes gradient on [0, 1], as torch.clamp does
-        grad_x = grad_xt.t() * inside
+            acc += more[:, rng]
+        xr = x[rng]
+        torch.mul(acc.t(), (xr >= 0) & (xr <= 1), out=grad_x[rng])  # clamp passes gradient on [0, 1]
+
+    parallel = n >= MIN_PARALLEL_POINTS
+    _run(transpose_in, _ranges(n), device, parallel)
+    level_grads = [None] * levels
+    order = _costly_first(plan)
+    for level, result in zip(order, _run(level_work, order, device, parallel)):
+        level_grads[level] = result
+    if need_x:
+        _run(gather_grad_x, _ranges(n), device, parallel)
     return grad_x, grad_emb
+
+
+def _ranges(n: int, size: int | None = None) -> list[slice]:
+    """Point ranges: of `size` points, or by default a few per worker thread for the
+    memory-bound transposes."""
+    if size is None:
+        size = max(4096, -(-n // 4))
+    return [slice(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def _encode_differentiable(x: Tensor, emb: Tensor, config: HashEncodingConfig) -> Tensor:
+    """The same encoding from plain differentiable torch ops (any order of derivatives, slow)."""
+    n = x.shape[0]
+    table_size = 1 << config.log2_table_size
+    xt = x.t().clamp(0.0, 1.0)
+    outs = []
+    scratch = _Scratch(reuse=False)
+    for level, (res, dense) in enumerate(_plan(config)):
+        rows, _ = _corners(xt.detach().contiguous(), res, dense, config.log2_table_size, scratch)
+        pos = xt * res
+        frac = pos - pos.detach().floor().clamp_max(res - 1)
+        w = _trilinear(torch.stack([1 - frac, frac])).to(emb.dtype)
+        vals = emb[level * table_size : (level + 1) * table_size].index_select(0, rows).view(8, n, -1)
+        outs.append((w[..., None] * vals).sum(0))
+    return torch.cat(outs, 1) if outs else emb.new_zeros(n, 0)
 
 
 def _costly_first(plan) -> list[int]:
@@ -249,7 +347,10 @@ def _costly_first(plan) -> list[int]:
 # releases the GIL inside ops; the workers share nothing but disjoint output slices.
 
 _POOL_STATE: dict = {}
+_POOL_LOCK = threading.Lock()
 _IN_WORKER = threading.local()
+PARALLEL_LEVELS = True  # spread levels over worker threads on CPU (see above)
+MIN_PARALLEL_POINTS = 2048  # below this, thread hand-offs cost more than they save
 
 
 def _omp_set_num_threads():
@@ -273,24 +374,36 @@ def _worker_init():
     _IN_WORKER.active = True
 
 
-def _executor(workers: int):
-    import os
+def _executor(threads: int):
     from concurrent.futures import ThreadPoolExecutor
 
-    key = (os.getpid(), workers)  # a forked child gets fresh threads
-    if _POOL_STATE.get("key") != key:
-        old = _POOL_STATE.get("pool")
-        if old is not None and _POOL_STATE["key"][0] == key[0]:
-            old.shutdown(wait=False)  # torch's thread count changed
-        _POOL_STATE["key"] = key
-        _POOL_STATE["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="hash-encoding", initializer=_worker_init)
-    return _POOL_STATE["pool"]
+    with _POOL_LOCK:
+        if _POOL_STATE.get("threads") != threads:
+            old = _POOL_STATE.get("pool")
+            if old is not None:
+                old.shutdown(wait=False)  # torch's thread count changed
+            _POOL_STATE["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="hash-encoding", initializer=_worker_init)
+            _POOL_STATE["threads"] = threads
+        return _POOL_STATE["pool"]
 
 
-def _run_levels(fn, items: list, device: torch.device) -> list:
+def _after_fork_in_child():
+    # Threads do not survive fork(): a child (e.g. a DataLoader worker) starts a pool of its own.
+    global _POOL_LOCK
+    _POOL_STATE.pop("pool", None)
+    _POOL_STATE.pop("threads", None)
+    _POOL_LOCK = threading.Lock()
+    _GRAD_POOL._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _run(fn, items: list, device: torch.device, parallel: bool = True) -> list:
     """[fn(item) for item in items]: inline, or on CPU worker threads when torch may use several."""
-    workers = min(torch.get_num_threads(), len(items)) if device.type == "cpu" and PARALLEL_LEVELS else 1
-    if workers <= 1 or getattr(_IN_WORKER, "active", False) or _omp_set_num_threads() is None:
+    threads = torch.get_num_threads() if parallel and PARALLEL_LEVELS and device.type == "cpu" else 1
+    if threads <= 1 or len(items) <= 1 or getattr(_IN_WORKER, "active", False) or _omp_set_num_threads() is None:
         return [fn(item) for item in items]
     inference = torch.is_inference_mode_enabled()
 
@@ -298,28 +411,8 @@ def _run_levels(fn, items: list, device: torch.device) -> list:
         with torch.inference_mode(inference), torch.no_grad():
             return fn(item)
 
-    with _POOL_STATE.setdefault("lock", threading.Lock()):
-        pool = _executor(workers)
+    pool = _executor(threads)
     return [future.result() for future in [pool.submit(task, item) for item in items]]
-
-
-PARALLEL_LEVELS = True  # spread levels over worker threads on CPU (see above)
-
-
-def _encode_differentiable(x: Tensor, emb: Tensor, config: HashEncodingConfig) -> Tensor:
-    """The same encoding from plain differentiable torch ops (any order of derivatives, slow)."""
-    n = x.shape[0]
-    table_size = 1 << config.log2_table_size
-    xt = x.t().clamp(0.0, 1.0)
-    outs = []
-    for level, (res, dense) in enumerate(_plan(config)):
-        rows, _ = _corner_rows(xt.detach().contiguous(), res, dense, config.log2_table_size)
-        pos = xt * res
-        frac = pos - pos.detach().floor().clamp_max(res - 1)
-        w = _trilinear(_axis_weights(frac)).to(emb.dtype)
-        vals = emb[level * table_size : (level + 1) * table_size].index_select(0, rows).view(8, n, -1)
-        outs.append((w[..., None] * vals).sum(0))
-    return torch.cat(outs, 1) if outs else emb.new_zeros(n, 0)
 
 
 class _HashEncode(torch.autograd.Function):
@@ -372,12 +465,12 @@ def corner_indices(x: Tensor, config: HashEncodingConfig) -> tuple[Tensor, Tenso
     """
     n = x.shape[0]
     table_size = 1 << config.log2_table_size
-    xt = _clamped_t(x)
+    xt = x.detach().t().contiguous().clamp_(0.0, 1.0)
     idx, weights = [], []
     for level, (res, dense) in enumerate(_plan(config)):
-        rows, frac = _corner_rows(xt, res, dense, config.log2_table_size)
+        rows, wt = _corners(xt, res, dense, config.log2_table_size, _Scratch(reuse=False))
         idx.append(rows.view(8, n).t().long() + level * table_size)
-        weights.append(_trilinear(_axis_weights(frac)).t())
+        weights.append(_trilinear(wt).t())
     return torch.stack(idx), torch.stack(weights)
 
 
