@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_description  # noqa: E402
 
 from distill3d.engine.backends import backends_for, choose
 from distill3d.engine.cameras import orbit_cameras
@@ -44,25 +47,6 @@ def torus(rings: int = 50, segments: int = 100, major: float = 0.6, minor: float
     d = ((ii + 1) % rings) * segments + (jj + 1) % segments
     faces = torch.cat([torch.stack([a, b, d], -1), torch.stack([a, d, c], -1)])
     return verts, faces
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    text = f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if load:
-        text += f", load average {load[0]:.2f}"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name()}"
-    return text
 
 
 def bench(backend: str, device: torch.device, repeats: int, height: int, width: int, batch: int) -> dict:
@@ -126,7 +110,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_description(args.device)}")
     names = [n for n in backends_for("rasterize") if n == "torch" or device.type == "cuda"]
     print(f"auto backend on {device}: {choose('rasterize', 'auto', device)}")
     for name in names:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_description  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tiny_models.py (the test-suite's model builders)
@@ -79,24 +80,6 @@ SD21_BASE_SCHEDULER = dict(
     set_alpha_to_one=False,
     prediction_type="epsilon",
 )
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    text = f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if hasattr(os, "getloadavg"):
-        text += f", load average {os.getloadavg()[0]:.2f}"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name()}"
-    return text
 
 
 def build_sd21_base(folder: Path, device: torch.device) -> Path:
@@ -160,7 +143,7 @@ def main() -> None:
     from distill3d.guidance.timesteps import sds_loss_from_grad
     from tiny_models import build_tiny_if, build_tiny_sd
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_description(args.device)}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -234,7 +217,7 @@ def main() -> None:
         result = {
             "model": model,
             "device": str(device),
-            "machine": machine(),
+            "machine": machine_description(args.device),
             "dtype": str(prior.dtype),
             "resolution": r,
             "batch": b,

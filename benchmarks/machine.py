@@ -1,4 +1,4 @@
-"""What every benchmark prints first: the machine the figures come from."""
+"""What every benchmark prints first: the machine (and its load) the figures come from."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ def machine_description(device: str = "cpu") -> str:
                     break
     except OSError:
         pass
-    text = f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    if device.startswith("cuda") and torch.cuda.is_available():
+    text = (
+        f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    if hasattr(os, "getloadavg"):
+        text += ", load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    if str(device).startswith("cuda") and torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name(0)}"
     return text

@@ -169,6 +169,13 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
         raise ConfigError(f"override {'.'.join(keys)}: parent is not a mapping")
 
 
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply `--set key.path=value` texts in order; returns data."""
+    for text in overrides or []:
+        apply_override(data, *parse_override(text))
+    return data
+
+
 def load_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distill3d.engine.cameras import CameraSamplerConfig
-from distill3d.engine.config import ConfigError, apply_override, from_dict, load_yaml, parse_override, to_dict
+from distill3d.engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from distill3d.engine.schedules import Schedule, ScheduleSpec
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -70,25 +70,14 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def load_recipe_data(name_or_path: str, overrides: list[str] | None = None) -> dict:
-    data = load_yaml(recipe_path(name_or_path))
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        apply_override(data, keys, value)
-    return data
+    return apply_overrides(load_yaml(recipe_path(name_or_path)), overrides)
 
 
 def _resolve_plugin(kind: str, spec: Any, path: str) -> dict:
     """{'name': ..., **all config fields with defaults}, nested plugin specs resolved too."""
-    from distill3d.plugins.registry import Registry
+    from distill3d.plugins.registry import parse_plugin_spec
 
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ConfigError(f"{path}: expected a mapping with a 'name' key naming the {kind}")
-    fields = dict(spec)
-    name = fields.pop("name")
-    cls = Registry(kind).get(name)
-    config = from_dict(cls.Config, fields, path)
+    name, _, config = parse_plugin_spec(kind, spec, path)
     resolved = {"name": name, **to_dict(config)}
     for f in dataclasses.fields(config):
         nested_kind = f.metadata.get("plugin") if f.metadata else None

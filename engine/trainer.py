@@ -122,17 +122,13 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, quiet: bool = False) -> "Trainer":
-        from distill3d.engine.config import apply_override, parse_override
+        from distill3d.engine.config import apply_overrides
 
         run_dir = Path(run_dir)
         config_path = run_dir / "config.yaml"
         if not config_path.exists():
             raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-        data = yaml.safe_load(config_path.read_text())
-        for text in overrides or []:
-            keys, value = parse_override(text)
-            apply_override(data, keys, value)
-        recipe = resolve_recipe(data)
+        recipe = resolve_recipe(apply_overrides(yaml.safe_load(config_path.read_text()), overrides))
         trainer = cls(recipe, run_dir, quiet)
         if overrides:
             atomic_write_text(config_path, yaml.safe_dump(to_dict(recipe), sort_keys=False))

@@ -108,8 +108,8 @@ class Registry:
         return None
 
 
-def build_plugin(kind: str, spec: Any, ctx: Any, path: str) -> Any:
-    """Instantiate a plugin from a recipe mapping {"name": ..., **config}."""
+def parse_plugin_spec(kind: str, spec: Any, path: str) -> tuple[str, Any, Any]:
+    """A recipe mapping {"name": ..., **config} -> (name, plugin class, typed config)."""
     from distill3d.engine.config import ConfigError, from_dict
 
     if isinstance(spec, str):
@@ -119,5 +119,10 @@ def build_plugin(kind: str, spec: Any, ctx: Any, path: str) -> Any:
     fields = dict(spec)
     name = fields.pop("name")
     cls = Registry(kind).get(name)
-    config = from_dict(cls.Config, fields, path)
+    return name, cls, from_dict(cls.Config, fields, path)
+
+
+def build_plugin(kind: str, spec: Any, ctx: Any, path: str) -> Any:
+    """Instantiate a plugin from a recipe mapping {"name": ..., **config}."""
+    _, cls, config = parse_plugin_spec(kind, spec, path)
     return cls(config, ctx)
