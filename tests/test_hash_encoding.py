@@ -269,23 +269,44 @@ def test_empty_input_and_shape_checks():
 def test_gradient_buffer_reuse_never_clobbers_live_gradients():
     # A 2^19-row table of 8 x 2 features: its 32 MB gradient goes through the buffer pool.
     config = HashEncodingConfig(levels=8)
-    enc = HashEncoding(config)
-    assert enc.embeddings.shape == (config.levels << config.log2_table_size, config.features)
+    table = HashEncoding(config).embeddings
+    assert table.shape == (config.levels << config.log2_table_size, config.features)
     x = torch.rand(200, 3)
     g1, g2 = torch.randn(200, 16), torch.randn(200, 16)
-    enc(x).backward(g1)
-    first = enc.embeddings.grad
+
+    def backward(g):
+        hash_encode_torch(x, table, config).backward(g)
+
+    backward(g1)
+    first = table.grad
     snapshot = first.clone()
-    enc.embeddings.grad = None
-    enc(x).backward(g2)  # `first` is still alive: must get another buffer
-    second = enc.embeddings.grad
+    table.grad = None
+    backward(g2)  # `first` is still alive: must get another buffer
+    second = table.grad
     assert second.data_ptr() != first.data_ptr() and torch.equal(first, snapshot)
-    enc.embeddings.grad = None
+    table.grad = None
     del first
-    enc(x).backward(g1)  # the first buffer is free again and is reused, fully re-zeroed
-    assert torch.equal(enc.embeddings.grad, snapshot)
-    enc(x).backward(g2)  # accumulation into an existing .grad
-    torch.testing.assert_close(enc.embeddings.grad, snapshot + second)
+    backward(g1)  # the first buffer is free again and is reused, fully re-zeroed
+    assert torch.equal(table.grad, snapshot)
+    backward(g2)  # accumulation into an existing .grad
+    torch.testing.assert_close(table.grad, snapshot + second)
+    # A view alone keeps a buffer in use.
+    table.grad = None
+    del second
+    backward(g1)
+    view = table.grad[1:]
+    table.grad = None
+    backward(g2)
+    backward(g2)
+    assert torch.equal(view, snapshot[1:])
+
+
+def test_module_matches_function():
+    config = SMALL
+    module = HashEncoding(config)
+    assert module.output_dim == 8 and module.embeddings.shape == (config.levels << config.log2_table_size, 2)
+    x = torch.rand(50, 3)
+    assert torch.equal(module(x), hash_encode_torch(x, module.embeddings, config))
 
 
 def test_float64_points_with_float32_table(impl):

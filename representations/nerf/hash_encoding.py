@@ -11,24 +11,33 @@ min(floor(pos), res - 1), frac = pos - cell; corner k (0..7) has offsets (k & 1,
 (k >> 2) & 1) along x, y, z and trilinear weight prod_axis (frac if offset else 1 - frac). Output
 (N, levels * features), level-major: the features of level 0, then level 1, ...
 
-How this is made fast on a CPU (measurements in benchmarks/bench_hash_encoding.py):
-- One level at a time (and points in chunks of `CHUNK`), so a level's table slice and the
+How this is made fast on a CPU (2^16 points, 16 x 2 features, 2^19 rows: from ~0.1 M points/s
+forward+backward to ~0.3-0.45 M/s on one core and ~0.5-0.65 M/s on two; see
+benchmarks/bench_hash_encoding.py):
+- One level at a time (points in chunks of `CHUNK`), so a level's 4 MB table slice and the
   per-level temporaries stay in cache, and no (L, N, 8) array is ever built.
-- Structure of arrays, points innermost: corner rows and weights are (8, n) arrays built from
-  per-axis (2, n) terms by outer-dimension broadcasts, which torch vectorises (inner size-2/8
-  broadcasts are 10-20x slower). Index arithmetic in int32: the low bits of an int32 product are
-  those of the uint32 product, so the hash is exact. trunc == floor for pos >= 0.
+- Structure of arrays, points innermost: corner rows and weights are (8, m) arrays built from
+  per-axis (2, m) terms by outer-dimension broadcasts, which torch vectorises (broadcasts over an
+  inner dimension of size 2 or 8 are 10-20x slower). Index arithmetic in int32: the low bits of
+  an int32 product are those of the uint32 product, so the hash is exact. trunc == floor for
+  pos >= 0. Every such array is written with out= into per-thread scratch (`_Scratch`).
 - A row of two float32 features is viewed as one complex64 number, so a gather is a 1-D
-  index_select and the backward a single 1-D index_add_ (a plain serial loop in ATen) per level,
-  instead of the 2-D index_add_ (a dispatched add per row) or embedding_bag's sorting backward.
+  index_select and the backward one 1-D index_add_ (a plain serial loop in ATen) per level,
+  instead of the 2-D index_add_ (a dispatched add per row, and 10x slower with int32 rows) or
+  embedding_bag's sorting backward.
 - Nothing is saved between forward and backward but x and the table: the backward recomputes the
-  corners level by level (cheaper than keeping 64 MB of indices and weights for 2^16 points),
-  zeroes each level's gradient slice just before scattering into it (so the scatter hits cache),
-  and reuses the table-gradient buffer from call to call (see `_GradBufferPool`): freshly
-  mmapped 64 MB costs 16k page faults, 50-100 ms in this VM, more than the rest of the backward.
+  corners level by level (cheaper than keeping 64 MB of fresh indices and weights for 2^16
+  points), zeroes each level's gradient slice just before scattering into it (so the scatter
+  hits cache), and reuses the table-gradient buffer from call to call (`_GradBufferPool`): a
+  freshly mmapped 64 MB costs 16k page faults, 50-100 ms in this VM, more than the rest of the
+  backward.
+- Levels run on torch.get_num_threads() worker threads, each a single OpenMP thread (see "Level
+  parallelism on CPU" below): the gathers and scatters are serial loops, and OpenMP's per-op
+  barriers make many small ops very slow on a busy machine.
 - Gradient into x (analytic normals) is analytic, from the same per-level quantities. With
   create_graph=True the backward recomputes through plain differentiable torch ops instead, so
   double backward works (slowly).
+Other devices take the same code with real feature columns instead of complex pairs, inline.
 """
 
 from __future__ import annotations
@@ -275,15 +284,23 @@ def _encode_backward(x: Tensor, emb: Tensor, grad_out: Tensor, config: HashEncod
                     torch.mul(wzyg[:, :, None], wx[None, None], out=src)
                     grad_cols[sl, c].index_add_(0, rows, src.view(-1))
                 if need_x:
-                    vals = cols[sl, c].index_select(0, rows).view(8, m)
-                    term = vals.mul_(g.conj()).real if paired else vals.mul_(g)
+                    vals = scratch.get("xvals" if dot is None else "xvals2", (8, m), cols.dtype, device)
+                    torch.index_select(cols[sl, c], 0, rows, out=vals.view(-1))
+                    term = vals.mul_(g.conj()).real if paired else vals.mul_(g)  # sum_f g_f v_f
                     dot = term if dot is None else dot.add_(term)
             if need_x:
+                # d out / d frac_a = sum over corners of dot_k * (+-1 along a) * (weights of the
+                # other two axes); d frac / d x = res.
                 s = dot.to(x.dtype).view(2, 2, 2, m)  # [kz, ky, kx]
-                gx = ((s[:, :, 1] - s[:, :, 0]) * (wt[:, 2, None] * wt[None, :, 1])).sum((0, 1))
-                gy = ((s[:, 1] - s[:, 0]) * (wt[:, 2, None] * wt[None, :, 0])).sum((0, 1))
-                gz = ((s[1] - s[0]) * (wt[:, 1, None] * wt[None, :, 0])).sum((0, 1))
-                torch.stack([gx, gy, gz], out=level_grad_xt[:, rng]).mul_(res)
+                diff = scratch.get("diff", (3, 2, 2, m), x.dtype, device)
+                torch.sub(s[:, :, 1], s[:, :, 0], out=diff[0])  # along x: [kz, ky]
+                torch.sub(s[:, 1], s[:, 0], out=diff[1])  # along y: [kz, kx]
+                torch.sub(s[1], s[0], out=diff[2])  # along z: [ky, kx]
+                other = scratch.get("other", (3, 2, 2, m), x.dtype, device)
+                torch.mul(wt[:, 2, None], wt[None, :, 1], out=other[0])
+                torch.mul(wt[:, 2, None], wt[None, :, 0], out=other[1])
+                torch.mul(wt[:, 1, None], wt[None, :, 0], out=other[2])
+                torch.sum(diff.mul_(other), (1, 2), out=level_grad_xt[:, rng]).mul_(res)
         return level_grad_xt
 
     def gather_grad_x(rng):
@@ -339,12 +356,15 @@ def _costly_first(plan) -> list[int]:
 # Level parallelism on CPU
 # ----------------------------------------------------------------------------------------------
 # Half of the work (the 1-D gathers and scatters) is a serial loop inside ATen, and the rest is
-# ~20 small ops per level, each an OpenMP parallel region whose barrier waits for every thread:
+# ~25 small ops per level, each an OpenMP parallel region whose barrier waits for every thread:
 # on a busy 2-core machine a descheduled OpenMP thread stalls every region (measured: 2-12 s per
-# forward+backward with 2 threads under load, against 0.4 s with 1). So on CPU the levels are
-# spread over torch.get_num_threads() Python worker threads, each pinned to a single OpenMP
-# thread (omp_set_num_threads is per calling thread; the main thread keeps its setting). torch
-# releases the GIL inside ops; the workers share nothing but disjoint output slices.
+# forward+backward with torch's 2 threads while other processes ran, against 0.4 s with 1). So
+# on CPU the work items (levels, and point ranges for the transposes) go to
+# torch.get_num_threads() Python worker threads, each pinned to one OpenMP thread
+# (omp_set_num_threads sets the calling thread's value only; the caller keeps its setting), and
+# the calling thread runs no OpenMP op during the encoding. torch releases the GIL inside ops;
+# the items write disjoint slices, and results are combined in a fixed order, so they do not
+# depend on scheduling.
 
 _POOL_STATE: dict = {}
 _POOL_LOCK = threading.Lock()
@@ -479,22 +499,29 @@ class _GradBufferPool:
 
     Why: the gradient of a 2^19 x 16 x 2 table is 64 MB. Above glibc's mmap threshold (at most
     32 MB, dynamic) every allocation is a fresh mmap, and touching it costs 16k page faults:
-    50-100 ms in this VM, more than the whole rest of the backward. The pool keeps the memory of
-    up to `keep` buffers per (shape, dtype) alive in numpy arrays and hands out torch tensors that
+    50-100 ms in this VM, more than the whole rest of the backward. (mallopt raising the
+    threshold would do it too, but for the whole process.) The pool keeps the memory of up to
+    `keep` buffers per (shape, dtype) alive in numpy arrays and hands out torch tensors that
     borrow it (torch.from_numpy). A buffer is handed out again only when no tensor uses it any
-    more: the tensor's storage holds the only other reference to the numpy array, so the array's
-    reference count tells. The returned tensor is an ordinary tensor (autograd takes it as
-    param.grad without a copy; the optimiser frees it with zero_grad(set_to_none=True), which
-    returns its memory to the pool). Contents are uninitialised; callers zero what they use.
-    Other devices and small buffers go through torch.empty.
+    more: the storage of such a tensor (and of all its views) holds the only other reference to
+    the numpy array, so the array's reference count tells; the count of an array referenced by
+    the pool alone is measured once, the same way (`_refs`). The returned tensor is an ordinary
+    tensor: autograd takes it as param.grad without a copy, and the optimiser's
+    zero_grad(set_to_none=True) frees it, which returns its memory to the pool. Contents are
+    uninitialised; callers zero what they use. Other devices and small buffers use torch.empty.
     """
 
     MIN_BYTES = 32 << 20
 
     def __init__(self, keep: int = 2):
         self.keep = keep
-        self._free: dict[tuple, list] = {}
+        self._arrays: dict[tuple, list] = {}
         self._lock = threading.Lock()
+        self._unused_refs = self._refs([object()], 0)
+
+    @staticmethod
+    def _refs(arrays: list, i: int) -> int:
+        return sys.getrefcount(arrays[i])
 
     def empty_like(self, t: Tensor) -> Tensor:
         nbytes = t.numel() * t.element_size()
@@ -504,16 +531,14 @@ class _GradBufferPool:
 
         key = (tuple(t.shape), t.dtype)
         with self._lock:
-            arrays = self._free.setdefault(key, [])
-            for array in arrays:
-                # References: the list, the loop variable and getrefcount's argument.
-                if sys.getrefcount(array) == 3:
-                    return torch.from_numpy(array)
+            arrays = self._arrays.setdefault(key, [])
+            for i in range(len(arrays)):
+                if self._refs(arrays, i) <= self._unused_refs:
+                    return torch.from_numpy(arrays[i])
             if len(arrays) >= self.keep:
                 return torch.empty_like(t, memory_format=torch.contiguous_format)
-            array = np.empty(tuple(t.shape), dtype=np.float32 if t.dtype == torch.float32 else np.float64)
-            arrays.append(array)
-            return torch.from_numpy(array)
+            arrays.append(np.empty(tuple(t.shape), dtype=np.float32 if t.dtype == torch.float32 else np.float64))
+            return torch.from_numpy(arrays[-1])
 
 
 _GRAD_POOL = _GradBufferPool()
