@@ -9,8 +9,9 @@ a warm-up. The project's target on the 2-core CPU machine is >= 0.25 M points/s 
     python benchmarks/bench_hash_encoding.py --threads 1
     python benchmarks/bench_hash_encoding.py --device cuda --points 1048576
 
-Timings on a shared machine are noisy: the load average is printed, and the best run is the
-figure least disturbed by other processes.
+Timings on a shared machine are noisy: the load average is printed, and after each line how
+many cores other processes kept busy during its timed runs; the best run is the figure least
+disturbed by them.
 """
 
 from __future__ import annotations
@@ -44,17 +45,35 @@ def machine(device: torch.device) -> str:
     return text
 
 
-def measure(fn, sync, warmup: int, repeats: int) -> list[float]:
+def busy_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used by the whole machine, by this process) so far; None off Linux."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return (sum(fields) - fields[3] - fields[4]) / hz, t.user + t.system
+
+
+def measure(fn, sync, warmup: int, repeats: int) -> tuple[list[float], float | None]:
+    """Wall times of `repeats` runs, and how many cores other processes kept busy meanwhile."""
     for _ in range(warmup):
         fn()
     sync()
     times = []
+    before, start_all = busy_seconds(), time.perf_counter()
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+    after, elapsed = busy_seconds(), time.perf_counter() - start_all
+    others = None
+    if before and after:
+        others = max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / elapsed
+    return times, others
 
 
 def main() -> None:
@@ -104,11 +123,12 @@ def main() -> None:
     if args.x_grad:
         cases.append(("forward+backward, x grad too", forward_backward_x))
     for name, fn in cases:
-        times = measure(fn, sync, args.warmup, args.repeats)
+        times, others = measure(fn, sync, args.warmup, args.repeats)
         best, median = min(times), statistics.median(times)
         print(
             f"{name:30s} best {args.points / best / 1e6:6.3f} M points/s ({best * 1e3:7.1f} ms)   "
             f"median {args.points / median / 1e6:6.3f} M points/s ({median * 1e3:7.1f} ms)"
+            + ("" if others is None else f"   [other processes busy: {others:.2f} cores]")
         )
 
 
