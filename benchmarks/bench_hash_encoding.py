@@ -88,6 +88,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
     config = HashEncodingConfig()
     print("machine:", machine(device))
     print(f"config:  {config}")
