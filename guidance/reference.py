@@ -50,9 +50,13 @@ def load_rgba(path: Path, size: int) -> tuple[Tensor, Tensor]:
             "(cut the object out first, e.g. with a background-removal tool)"
         )
     t = torch.from_numpy(image.astype("float32") / (65535.0 if image.dtype.name == "uint16" else 255.0))
+    # Resize premultiplied colour so transparent pixels' (arbitrary) RGB does not bleed into edges.
+    t = torch.cat([t[..., :3] * t[..., 3:], t[..., 3:]], -1)
     t = F.interpolate(t.permute(2, 0, 1)[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     t = t.permute(0, 2, 3, 1).clamp(0, 1)
-    return t[..., :3], t[..., 3:]
+    alpha = t[..., 3:]
+    rgb = torch.where(alpha > 1e-6, t[..., :3] / alpha.clamp_min(1e-6), torch.zeros_like(t[..., :3]))
+    return rgb.clamp(0, 1), alpha
 
 
 class ReferenceViewGuidance(Guidance):

@@ -26,6 +26,16 @@ from distill3d.representations.nerf.rendering import Samples, ray_sphere_bounds
 from distill3d.representations.shading import ShadingConfig, light_directions, pick_training_mode, shade, validate_mix
 
 
+def mlp(in_dim: int, hidden: int, hidden_layers: int, out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
+        width = hidden
+    layers.append(nn.Linear(width, out_dim))
+    return nn.Sequential(*layers)
+
+
 class TruncExp(torch.autograd.Function):
     """exp with a gradient clamped at 15 (Instant-NGP's density activation)."""
 
@@ -49,8 +59,12 @@ class NeRFConfig:
     log2_table_size: int = 19
     base_resolution: int = 16
     max_resolution: int = 2048
+    # Density MLP: encoding -> (density, geometry features); colour MLP: features -> albedo.
     hidden_dim: int = 64
     hidden_layers: int = 2
+    geo_features: int = 15
+    color_hidden_dim: int = 64
+    color_hidden_layers: int = 1
     density_activation: Literal["softplus", "trunc_exp"] = "softplus"
     # Density "blob" added before the activation: DreamFusion scale*exp(-|x|^2/(2 sigma^2)),
     # Magic3D scale*(1 - |x|/sigma).
@@ -93,13 +107,8 @@ class HashGridNeRF(Representation):
             per_level_scale=per_level_scale_for(config.base_resolution, config.max_resolution, config.levels),
         )
         self.encoding = HashEncoding(enc, backend=config.hash_encoding_backend)
-        layers: list[nn.Module] = []
-        width = self.encoding.output_dim
-        for _ in range(config.hidden_layers):
-            layers += [nn.Linear(width, config.hidden_dim), nn.ReLU(inplace=True)]
-            width = config.hidden_dim
-        layers.append(nn.Linear(width, 4))
-        self.network = nn.Sequential(*layers)
+        self.density_net = mlp(self.encoding.output_dim, config.hidden_dim, config.hidden_layers, 1 + config.geo_features)
+        self.color_net = mlp(config.geo_features, config.color_hidden_dim, config.color_hidden_layers, 3)
         self.occupancy = OccupancyGrid(config.occupancy, config.radius)
         self.background = Background(config.background)
         total = ctx.total_steps
@@ -127,12 +136,14 @@ class HashGridNeRF(Representation):
 
     def field(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """Density (P,) and albedo (P, 3) at world points (P, 3)."""
-        h = self.network(self.encoding(self._normalized(points)))
+        h = self.density_net(self.encoding(self._normalized(points)))
         sigma = self._activate_density(h[:, 0] + self._density_bias(points))
-        return sigma, torch.sigmoid(h[:, 1:])
+        return sigma, torch.sigmoid(self.color_net(h[:, 1:]))
 
     def density(self, points: Tensor) -> Tensor:
-        return self.field(points)[0]
+        """Density alone (skips the colour MLP: occupancy updates, normals, export)."""
+        h = self.density_net(self.encoding(self._normalized(points)))
+        return self._activate_density(h[:, 0] + self._density_bias(points))
 
     def normals(self, points: Tensor) -> Tensor:
         """Unit normals -grad(density) by central finite differences (P, 3)."""
@@ -232,7 +243,7 @@ class HashGridNeRF(Representation):
         c = self.config
         groups = [
             {"name": "encoding", "params": list(self.encoding.parameters()), "lr": c.lr_encoding, "eps": 1e-15},
-            {"name": "network", "params": list(self.network.parameters()), "lr": c.lr_network},
+            {"name": "network", "params": [*self.density_net.parameters(), *self.color_net.parameters()], "lr": c.lr_network},
         ]
         bg = list(self.background.parameters())
         if bg:

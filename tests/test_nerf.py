@@ -1,0 +1,104 @@
+"""Hash-grid NeRF: rendering outputs, shading, backgrounds, normals, occupancy, regularisers."""
+
+import pytest
+import torch
+
+from distill3d.engine.cameras import make_cameras, orbit_cameras
+from distill3d.engine.config import from_dict
+from distill3d.engine.interfaces import BuildContext, RenderSettings
+from distill3d.representations.nerf.model import HashGridNeRF, NeRFConfig
+
+SMALL = {"levels": 4, "log2_table_size": 12, "max_resolution": 64, "samples_per_ray": 24, "occupancy": {"resolution": 16, "warmup_steps": 0, "update_every": 1}}
+
+
+def make(**overrides):
+    cfg = from_dict(NeRFConfig, {**SMALL, **overrides})
+    return HashGridNeRF(cfg, BuildContext(total_steps=100))
+
+
+def test_render_shapes_ranges_and_gradients():
+    nerf = make()
+    cams = orbit_cameras(2, distance=3.0)
+    out = nerf.render(cams, RenderSettings(12, 10, shading="albedo", background="solid"))
+    assert out.rgb.shape == (2, 12, 10, 3) and out.opacity.shape == (2, 12, 10, 1) and out.depth.shape == (2, 12, 10, 1)
+    assert out.rgb.min() >= 0 and out.rgb.max() <= 1 + 1e-6 and out.opacity.max() <= 1 + 1e-6
+    # the density blob (Magic3D style) makes the centre opaque and the corners see the white background
+    assert out.opacity[0, 6, 5] > 0.9 and out.opacity[0, 0, 0] < 0.05
+    assert torch.allclose(out.rgb[0, 0, 0], torch.ones(3), atol=0.05)
+    out.rgb.mean().backward()
+    assert nerf.encoding.embeddings.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in nerf.color_net.parameters())
+
+
+def test_depth_of_the_blob_surface_is_in_front_of_the_centre():
+    nerf = make()
+    cam = make_cameras(0.0, 0.0, 3.0, 40.0)
+    out = nerf.render(cam, RenderSettings(9, 9, background="solid", training=False))
+    # Magic3D blob: density bias 10 (1 - r / 0.5) > 0 inside r < 0.5: surface near distance 2.5
+    assert 2.3 < out.depth[0, 4, 4, 0] / out.opacity[0, 4, 4, 0] < 2.8
+
+
+def test_finite_difference_normals_of_the_blob_point_outward():
+    nerf = make()
+    points = torch.nn.functional.normalize(torch.randn(64, 3), dim=-1) * 0.4
+    normals = nerf.normals(points)
+    cos = (normals * torch.nn.functional.normalize(points, dim=-1)).sum(-1)
+    assert cos.min() > 0.9
+
+
+@pytest.mark.parametrize("mode", ["lambertian", "textureless", "normal"])
+def test_shading_modes_need_and_use_normals(mode):
+    nerf = make()
+    # odd size: pixel (4, 4) lies on the optical axis, where the blob's normal is (0, 0, 1)
+    out = nerf.render(make_cameras(0.0, 0.0, 3.0, 40.0), RenderSettings(9, 9, shading=mode, background="solid", training=False))
+    assert out.normal is not None
+    centre = out.rgb[0, 4, 4]
+    if mode == "textureless":
+        assert torch.allclose(centre, centre[0].expand(3), atol=1e-5)  # grey: no albedo
+    if mode == "normal":
+        # facing the camera (+z): normal ~ (0, 0, 1) -> colour ~ (0.5, 0.5, 1)
+        assert centre[2] > 0.9 and abs(centre[0] - 0.5) < 0.05 and abs(centre[1] - 0.5) < 0.05
+
+
+def test_backgrounds():
+    cams = orbit_cameras(3, distance=3.0)
+    nerf = make(background={"kind": "random"})
+    out = nerf.render(cams, RenderSettings(6, 6))
+    bg = out.background
+    assert torch.allclose(bg[:, 0, 0], bg[:, 5, 5]) and not torch.allclose(bg[0, 0, 0], bg[1, 0, 0])
+    learned = make(background={"kind": "learned"})
+    out = learned.render(cams, RenderSettings(6, 6))
+    out.rgb.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learned.background.parameters())
+    assert any(g.get("name") == "background" for g in learned.param_groups())
+
+
+def test_occupancy_grid_marks_the_blob_and_skips_the_rest():
+    nerf = make()
+    nerf.update(0)
+    assert nerf.occupancy.active()
+    frac = nerf.occupancy.occupied_fraction()
+    assert 0.01 < frac < 0.5
+    inside = nerf.occupancy(torch.zeros(1, 3))
+    outside = nerf.occupancy(torch.tensor([[0.95, 0.95, 0.95]]))
+    assert inside.item() and not outside.item()
+
+
+def test_regularisers_follow_their_weights():
+    nerf = make(orientation_weight=1.0, opacity_weight=0.5)
+    out = nerf.render(orbit_cameras(1, distance=3.0), RenderSettings(8, 8))
+    terms = nerf.regularizers(out, 0)
+    assert set(terms) == {"orientation", "opacity"}
+    assert terms["opacity"].item() == pytest.approx(0.5 * out.opacity.mean().item())
+    assert make().regularizers(out, 0) == {}
+
+
+def test_bad_shading_mix_is_rejected():
+    with pytest.raises(ValueError, match="unknown shading mode 'toon'"):
+        make(shading={"train_mix": {"toon": 1.0}})
+
+
+def test_trunc_exp_density_and_dreamfusion_blob():
+    nerf = make(density_activation="trunc_exp", density_blob="dreamfusion", blob_scale=5.0)
+    sigma = nerf.density(torch.zeros(4, 3))
+    assert (sigma > 1).all()
