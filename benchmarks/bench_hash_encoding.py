@@ -18,31 +18,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_description  # noqa: E402
+
 from distill3d.representations.nerf.hash_encoding import HashEncodingConfig, hash_encode_torch
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    text = f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if hasattr(os, "getloadavg"):
-        text += ", load average %.2f %.2f %.2f" % os.getloadavg()
-    if device.type == "cuda":
-        text += f", GPU {torch.cuda.get_device_name(device)}"
-    return text
 
 
 def busy_seconds() -> tuple[float, float] | None:
@@ -91,7 +77,7 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     config = HashEncodingConfig()
-    print("machine:", machine(device))
+    print("machine:", machine_description(str(device)))
     print(f"config:  {config}")
     print(f"points:  {args.points}, device {device}, {args.warmup} warm-up + {args.repeats} timed runs each")
 
