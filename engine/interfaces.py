@@ -129,6 +129,11 @@ class Prior(nn.Module):
         """(B, 3, H, W) in [0, 1] -> the prior's space, differentiable."""
         raise NotImplementedError
 
+    def encode_render(self, out: RenderOutput) -> Tensor:
+        """A render -> the prior's space, differentiable. Default: its RGB through encode_images;
+        priors that want more channels (rgb_as_latents) override this."""
+        return self.encode_images(out.rgb_bchw())
+
     def conditions(self, cameras: Cameras, out: RenderOutput) -> tuple[Condition, Condition]:
         """(conditional, unconditional) conditions for this batch of views."""
         raise NotImplementedError

@@ -73,6 +73,6 @@ class SDSGuidance(Guidance):
         return grad
 
     def forward(self, out: RenderOutput, cameras: Cameras, step: int) -> dict[str, Tensor]:
-        latents = self.prior.encode_images(out.rgb_bchw())
+        latents = self.prior.encode_render(out)
         grad = self.sds_grad(latents, cameras, out, step)
         return {"sds": self.weight(step) * sds_loss_from_grad(latents, grad)}

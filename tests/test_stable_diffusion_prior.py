@@ -128,6 +128,17 @@ def test_rgb_as_latents(sd_dir, cache_dir):
     assert torch.allclose(lat, torch.nn.functional.interpolate(x, (16, 16), mode="bilinear", align_corners=False) * 2 - 1)
     with pytest.raises(PriorError, match="4-channel latent"):
         p.encode_images(torch.rand(1, 3, 64, 64))
+    # An RGB render goes in with its opacity as the 4th channel, differentiably.
+    from distill3d.engine.interfaces import RenderOutput
+
+    rgb = torch.rand(1, 64, 64, 3, requires_grad=True)
+    opacity = torch.rand(1, 64, 64, 1, requires_grad=True)
+    out = RenderOutput(rgb=rgb, opacity=opacity, depth=opacity, background=torch.ones(1, 64, 64, 3))
+    lat = p.encode_render(out)
+    expected = torch.cat([rgb, opacity], -1).permute(0, 3, 1, 2)
+    assert torch.allclose(lat, torch.nn.functional.interpolate(expected, (16, 16), mode="bilinear", align_corners=False) * 2 - 1)
+    lat.sum().backward()
+    assert opacity.grad.abs().sum() > 0 and rgb.grad.abs().sum() > 0
 
 
 def test_predict_noise_is_the_unet_without_graph(prior):

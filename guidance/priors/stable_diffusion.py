@@ -14,7 +14,8 @@ found and the errors when it is not.
   the plain prompt; the unconditional branch is the negative prompt (+ its per-view extra text).
 - encode_images(): resize the render to image_size (512 for SD 2.1-base), map to [-1, 1], VAE
   encode with gradient (a posterior sample), scale by the VAE's scaling factor (0.18215).
-  rgb_as_latents: the render itself is the latent (needs as many channels as the UNet input).
+  rgb_as_latents: the render itself is the latent, resized to the latent size (an RGB render
+  gets its opacity as the 4th channel, as stable-dreamfusion's latent mode does).
 - view_conditions() serves Perp-Neg (guidance/perp_neg.py).
 """
 
@@ -293,6 +294,14 @@ class StableDiffusionPrior(TextDiffusionPrior):
     def encode_texts(self, tokenizer, encoder, texts: list[str]) -> Tensor:
         use_mask = bool(getattr(encoder.config, "use_attention_mask", False))
         return tokenize_and_encode(tokenizer, encoder, texts, TEXT_MAX_LENGTH, self.device, use_mask)
+
+    def encode_render(self, out) -> Tensor:
+        """rgb_as_latents with an RGB render: RGB plus opacity are the 4 latent channels
+        (stable-dreamfusion's latent mode); otherwise the RGB through encode_images."""
+        rgb = out.rgb_bchw()
+        if self.config.rgb_as_latents and rgb.shape[1] == 3 and self.latent_channels == 4:
+            rgb = torch.cat([rgb, out.opacity.permute(0, 3, 1, 2)], dim=1)
+        return self.encode_images(rgb)
 
     def encode_images(self, rgb: Tensor) -> Tensor:
         if self.config.rgb_as_latents:
