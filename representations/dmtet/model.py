@@ -1,0 +1,292 @@
+"""DMTet representation (Magic3D / Magic123 fine stage).
+
+Geometry: a tetrahedral grid of [-radius, radius]^3 (tet_grid.py) with a learned SDF value and a
+learned deformation per vertex; positions = grid + tanh(delta) * deformation_scale * spacing
+(spacing = 2 radius / grid_resolution). The surface {sdf = 0} is extracted every render by
+differentiable marching tetrahedra (marching_tets.py). **sdf > 0 is inside.**
+
+Appearance: a hash-grid encoding + MLP albedo field evaluated at the world position of every
+rasterized pixel. Rendering: project -> rasterize -> interpolate (positions, vertex normals) ->
+albedo -> shading -> antialias (silhouette gradients to the SDF and deformation) -> composite over
+the background. Regularisers: normal consistency between adjacent faces, uniform Laplacian.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill3d.engine.cameras import Cameras, pixel_rays
+from distill3d.engine.interfaces import BuildContext, RenderOutput, RenderSettings, Representation
+from distill3d.engine.schedules import Schedule, ScheduleSpec
+from distill3d.representations.background import Background, BackgroundConfig
+from distill3d.representations.dmtet.marching_tets import marching_tets
+from distill3d.representations.dmtet.tet_grid import tet_grid
+from distill3d.representations.mesh.mesh_io import vertex_normals
+from distill3d.representations.mesh.rasterizer import antialias, face_adjacency, interpolate, project, rasterize
+from distill3d.representations.nerf.hash_encoding import HashEncoding, HashEncodingConfig, per_level_scale_for
+from distill3d.representations.nerf.model import mlp
+from distill3d.representations.shading import ShadingConfig, light_directions, pick_training_mode, shade, validate_mix
+
+__all__ = ["DMTet", "DMTetConfig", "normal_consistency", "uniform_laplacian"]
+
+
+@dataclass
+class DMTetConfig:
+    grid_resolution: int = 128  # cells per side of the tet grid (6 N^3 tetrahedra)
+    radius: float = 1.0  # the grid covers [-radius, radius]^3
+    # Maximum vertex displacement in grid spacings: tanh(delta) * scale * 2 radius / N.
+    deformation_scale: float = 0.5
+    init_sphere_radius: float = 0.5  # default shape: sdf = r - |x|
+    # Colour field (hash encoding + MLP -> albedo).
+    levels: int = 16
+    features_per_level: int = 2
+    log2_table_size: int = 19
+    base_resolution: int = 16
+    max_resolution: int = 2048
+    hidden_dim: int = 64
+    hidden_layers: int = 2
+    background: BackgroundConfig = field(default_factory=BackgroundConfig)
+    shading: ShadingConfig = field(default_factory=ShadingConfig)
+    lr_sdf: float = 1e-3
+    lr_deformation: float = 1e-3
+    lr_encoding: float = 0.01
+    lr_network: float = 0.001
+    lr_background: float = 0.001
+    # Regularisers (weights may be scheduled; Magic3D uses normal consistency up to 1e4).
+    normal_consistency_weight: ScheduleSpec = 0.0
+    laplacian_weight: ScheduleSpec = 0.0
+    hash_encoding_backend: str = "auto"
+    rasterize_backend: str = "auto"
+    near: float = 0.01
+    far: float = 100.0
+    tet_cache: bool = True  # cache generated grids on disk under ctx.cache_dir (or DISTILL3D_CACHE)
+
+
+def normal_consistency(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Mean of 1 - cos between the normals of faces sharing an edge (0 for a flat surface)."""
+    if faces.shape[0] == 0:
+        return vertices.sum() * 0
+    fn = F.normalize(torch.cross(vertices[faces[:, 1]] - vertices[faces[:, 0]], vertices[faces[:, 2]] - vertices[faces[:, 0]], dim=-1), dim=-1, eps=1e-12)
+    adj = face_adjacency(faces)
+    f_idx = torch.arange(faces.shape[0], device=faces.device)[:, None].expand_as(adj)
+    pair = (adj >= 0) & (adj > f_idx)  # each interior edge once
+    if not bool(pair.any()):
+        return vertices.sum() * 0
+    a, b = f_idx[pair], adj[pair]
+    return (1 - (fn[a] * fn[b]).sum(-1)).mean()
+
+
+def uniform_laplacian(vertices: Tensor, faces: Tensor) -> Tensor:
+    """Mean squared length of (mean of neighbours - vertex) over referenced vertices."""
+    if faces.shape[0] == 0:
+        return vertices.sum() * 0
+    e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    e = torch.unique(torch.sort(e, dim=-1).values, dim=0)
+    src = torch.cat([e[:, 0], e[:, 1]])
+    dst = torch.cat([e[:, 1], e[:, 0]])
+    nv = vertices.shape[0]
+    deg = torch.zeros(nv, device=vertices.device, dtype=vertices.dtype).index_add_(0, src, torch.ones_like(src, dtype=vertices.dtype))
+    nsum = torch.zeros_like(vertices).index_add(0, src, vertices[dst])
+    used = deg > 0
+    lap = nsum[used] / deg[used, None] - vertices[used]
+    return (lap * lap).sum(-1).mean()
+
+
+class DMTet(Representation):
+    Config = DMTetConfig
+
+    def __init__(self, config: DMTetConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        validate_mix(config.shading.train_mix)
+        c = config
+        verts, tets = tet_grid(c.grid_resolution, 1.0, cache_dir=ctx.cache_dir, use_disk=c.tet_cache)
+        # Recomputed deterministically from the config: not saved in checkpoints.
+        self.register_buffer("grid_vertices", verts * float(c.radius), persistent=False)
+        self.register_buffer("tets", tets, persistent=False)
+        self.sdf = nn.Parameter(torch.zeros(verts.shape[0]))
+        self.deformation = nn.Parameter(torch.zeros(verts.shape[0], 3))
+        enc = HashEncodingConfig(
+            levels=c.levels,
+            features=c.features_per_level,
+            log2_table_size=c.log2_table_size,
+            base_resolution=c.base_resolution,
+            per_level_scale=per_level_scale_for(c.base_resolution, c.max_resolution, c.levels),
+        )
+        self.encoding = HashEncoding(enc, backend=c.hash_encoding_backend)
+        self.color_net = mlp(self.encoding.output_dim, c.hidden_dim, c.hidden_layers, 3)
+        self.background = Background(c.background)
+        total = ctx.total_steps
+        self.normal_consistency_weight = Schedule.parse(c.normal_consistency_weight, "representation.normal_consistency_weight").resolve(total)
+        self.laplacian_weight = Schedule.parse(c.laplacian_weight, "representation.laplacian_weight").resolve(total)
+        self.init_sphere(c.init_sphere_radius)
+        self.to(ctx.device)
+
+    # ----- geometry ----------------------------------------------------------------------
+    @property
+    def spacing(self) -> float:
+        return 2.0 * self.config.radius / self.config.grid_resolution
+
+    def vertex_positions(self) -> Tensor:
+        """Deformed grid vertices (V, 3)."""
+        return self.grid_vertices + torch.tanh(self.deformation) * (self.config.deformation_scale * self.spacing)
+
+    def surface(self) -> tuple[Tensor, Tensor]:
+        """Current surface (vertices (M, 3), faces (F, 3)), differentiable w.r.t. sdf and deformation."""
+        return marching_tets(self.vertex_positions(), self.sdf, self.tets)
+
+    @torch.no_grad()
+    def init_sphere(self, radius: float = 0.5) -> None:
+        """sdf = radius - |x| (positive inside), no deformation."""
+        self.sdf.copy_(radius - self.grid_vertices.norm(dim=-1))
+        self.deformation.zero_()
+
+    @torch.no_grad()
+    def init_from_density(
+        self,
+        density_fn: Callable[[Tensor], Tensor],
+        threshold: float | str = "auto",
+        clamp: float | None = None,
+        chunk_size: int = 1 << 18,
+    ) -> float:
+        """Seed the SDF from a density field (a finished NeRF): sdf = density(x) - threshold,
+        clamped to [-clamp, clamp]; the deformation is reset to zero.
+
+        threshold "auto" is the mean positive density on the grid (the NeRF export's default).
+        clamp None means 10 * max(|threshold|, 1): values near the surface (which set where the
+        surface lies) are untouched, far-away ones cannot dominate the SDF's scale.
+        Returns the threshold used.
+        """
+        pts = self.grid_vertices
+        d = torch.cat([density_fn(pts[i : i + chunk_size]).reshape(-1).float() for i in range(0, pts.shape[0], chunk_size)])
+        if threshold == "auto":
+            pos = d[d > 0]
+            thr = float(pos.mean()) if pos.numel() else 0.0
+        else:
+            thr = float(threshold)
+        limit = 10.0 * max(abs(thr), 1.0) if clamp is None else float(clamp)
+        self.sdf.copy_((d - thr).clamp(-limit, limit).to(self.sdf.dtype))
+        self.deformation.zero_()
+        return thr
+
+    # ----- appearance --------------------------------------------------------------------
+    def albedo(self, points: Tensor) -> Tensor:
+        """Albedo (P, 3) in [0, 1] at world points (P, 3)."""
+        x = ((points / self.config.radius + 1) * 0.5).clamp(0.0, 1.0)
+        return torch.sigmoid(self.color_net(self.encoding(x)))
+
+    # ----- rendering ---------------------------------------------------------------------
+    def render(self, cameras: Cameras, settings: RenderSettings) -> RenderOutput:
+        c = self.config
+        b, h, w = len(cameras), settings.height, settings.width
+        _, dirs = pixel_rays(cameras, h, w)
+        background = self.background(dirs, settings.background)
+        mode = settings.shading
+        if mode == "train":
+            mode = pick_training_mode(c.shading) if settings.training else "albedo"
+        light = light_directions(cameras.position, c.shading.light_jitter_deg, settings.training)
+        verts, faces = self.surface()
+        extras = {"shading": mode, "mesh_vertices": verts, "mesh_faces": faces, "num_faces": int(faces.shape[0])}
+        want_normals = settings.need_normals or mode in ("lambertian", "textureless", "normal")
+        if faces.shape[0] == 0:
+            zeros = background.new_zeros(b, h, w, 1)
+            normal = background.new_zeros(b, h, w, 3) if want_normals else None
+            # keep the outputs attached to the parameters so backward() does not fail
+            tie = self.sdf.sum() * 0
+            return RenderOutput(rgb=background + tie, opacity=zeros + tie, depth=zeros, background=background, normal=normal, extras=extras)
+        clip = project(verts, cameras.mvp(aspect=w / h, near=c.near, far=c.far))
+        frags = rasterize(clip, faces, h, w, backend=c.rasterize_backend)
+        mask = frags.mask[..., None].to(clip.dtype)
+        pos = interpolate(verts, frags, faces)  # (B, H, W, 3)
+        covered = frags.mask
+        normal = None
+        if want_normals:
+            vn = vertex_normals(verts, faces)
+            normal = F.normalize(interpolate(vn, frags, faces), dim=-1, eps=1e-12) * mask
+        alb = pos.new_zeros(b, h, w, 3)
+        if bool(covered.any()):
+            alb = alb.index_put((covered,), self.albedo(pos[covered]))
+        light_px = light.view(b, 1, 1, 3)
+        colour = shade(alb, normal, light_px, mode, c.shading) * mask
+        aa = antialias(torch.cat([colour, mask], dim=-1), frags, clip, faces)
+        colour, opacity = aa[..., :3], aa[..., 3:].clamp(0.0, 1.0)
+        rgb = colour + (1.0 - opacity) * background
+        depth = (pos - cameras.position[:, None, None, :]).norm(dim=-1, keepdim=True) * mask
+        extras["fragments"] = frags
+        return RenderOutput(rgb=rgb, opacity=opacity, depth=depth, background=background, normal=normal, extras=extras)
+
+    # ----- training hooks ----------------------------------------------------------------
+    def regularizers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        w_nc = self.normal_consistency_weight(step)
+        w_lap = self.laplacian_weight(step)
+        if w_nc <= 0 and w_lap <= 0:
+            return terms
+        verts, faces = out.extras.get("mesh_vertices"), out.extras.get("mesh_faces")
+        if verts is None:
+            verts, faces = self.surface()
+        if faces.shape[0] == 0:
+            return terms
+        if w_nc > 0:
+            terms["normal_consistency"] = w_nc * normal_consistency(verts, faces)
+        if w_lap > 0:
+            terms["laplacian"] = w_lap * uniform_laplacian(verts, faces)
+        return terms
+
+    def param_groups(self) -> list[dict]:
+        c = self.config
+        groups = [
+            {"name": "sdf", "params": [self.sdf], "lr": c.lr_sdf},
+            {"name": "deformation", "params": [self.deformation], "lr": c.lr_deformation},
+            {"name": "encoding", "params": list(self.encoding.parameters()), "lr": c.lr_encoding, "eps": 1e-15},
+            {"name": "network", "params": list(self.color_net.parameters()), "lr": c.lr_network},
+        ]
+        bg = list(self.background.parameters())
+        if bg:
+            groups.append({"name": "background", "params": bg, "lr": c.lr_background})
+        return groups
+
+    # ----- export ------------------------------------------------------------------------
+    @torch.no_grad()
+    def export_mesh(self, resolution: int = 128, target_faces: int | None = None, texture_size: int = 1024, min_component_fraction: float = 0.02):
+        """The current marching-tets surface (resolution is ignored: the tet grid sets it), small
+        components removed, optional decimation, xatlas unwrap, baked albedo texture and vertex
+        colours. Returns (Mesh, ExportInfo); EmptySurfaceError when there is no surface."""
+        from distill3d.representations.mesh.cleanup import decimate, decimation_method, remove_small_components
+        from distill3d.representations.mesh.marching_cubes import EmptySurfaceError
+        from distill3d.representations.mesh.mesh_io import Mesh
+        from distill3d.representations.mesh.texture_bake import ExportInfo, bake_texture, unwrap_uv
+
+        verts, faces = self.surface()
+        n_mt = int(faces.shape[0])
+        if n_mt == 0:
+            raise EmptySurfaceError("the DMTet SDF has no zero crossing; nothing to export")
+        mesh = remove_small_components(Mesh(verts.float().contiguous(), faces), min_fraction=min_component_fraction)
+        n_clean = mesh.num_faces
+        method = None
+        if target_faces is not None and mesh.num_faces > target_faces:
+            method = decimation_method()
+            mesh = decimate(mesh, target_faces, method=method)
+        if mesh.num_faces == 0:
+            raise EmptySurfaceError("empty surface after clean-up; nothing to export")
+        mesh = Mesh(mesh.vertices, mesh.faces, normals=vertex_normals(mesh.vertices, mesh.faces))
+        chunk = 1 << 16
+        mesh.vertex_colors = torch.cat([self.albedo(mesh.vertices[i : i + chunk]) for i in range(0, mesh.num_vertices, chunk)]).float().clamp(0, 1)
+        mesh, _ = unwrap_uv(mesh, texture_size)
+        texture, covered = bake_texture(mesh, self.albedo, texture_size)
+        mesh.texture = texture
+        info = ExportInfo(
+            threshold=0.0,
+            faces_marching_cubes=n_mt,
+            faces_after_cleanup=n_clean,
+            faces_final=mesh.num_faces,
+            decimation=method,
+            texture_size=int(texture_size),
+            texel_coverage=float(covered.float().mean()),
+            extras={"source": "dmtet", "grid_resolution": self.config.grid_resolution},
+        )
+        return mesh, info
