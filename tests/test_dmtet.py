@@ -191,9 +191,9 @@ def test_regularisers_respond_to_weights():
     t1 = m1.regularizers(m1.render(cams, settings), 50)
     t2 = m2.regularizers(m2.render(cams, settings), 50)
     assert set(t1) == {"normal_consistency", "laplacian"}
-    assert float(t1["normal_consistency"]) > 0 and float(t1["laplacian"]) > 0
-    assert float(t2["normal_consistency"]) == pytest.approx(2 * float(t1["normal_consistency"]), rel=1e-5)
-    assert float(t2["laplacian"]) == pytest.approx(2 * float(t1["laplacian"]), rel=1e-5)
+    assert t1["normal_consistency"].item() > 0 and t1["laplacian"].item() > 0
+    assert t2["normal_consistency"].item() == pytest.approx(2 * t1["normal_consistency"].item(), rel=1e-5)
+    assert t2["laplacian"].item() == pytest.approx(2 * t1["laplacian"].item(), rel=1e-5)
     (t1["normal_consistency"] + t1["laplacian"]).backward()
     assert m1.sdf.grad.abs().sum() > 0
 
