@@ -83,7 +83,7 @@ def _run_and_report(trainer) -> None:
 @app.command()
 @friendly_errors
 def demo(
-    scene: Optional[Path] = typer.Option(None, help="Scene file (JSON/YAML primitives); default: the shipped scene."),
+    scene: Optional[Path] = typer.Option(None, help="Scene file (JSON/YAML primitives or OBJ/GLB/PLY mesh) or a shipped scene name (default, two_cylinders)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the recipe's)."),
     seed: int = typer.Option(0, help="Random seed."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/demo-<time>)."),
@@ -92,11 +92,14 @@ def demo(
 ):
     """Offline demo: oracle score distillation of an analytic scene into a NeRF, on CPU, no weights."""
     from distill3d.engine.recipe import load_recipe_data, resolve_recipe
-    from distill3d.engine.reference_scene import DEFAULT_SCENE
+    from distill3d.engine.reference_scene import DEFAULT_SCENE, builtin_scenes, resolve_scene_path
     from distill3d.engine.trainer import Trainer
 
+    reference = resolve_scene_path(scene) if scene is not None else DEFAULT_SCENE
+    if not reference.exists():
+        raise UserError(f"scene {scene} does not exist (give a file, or a shipped scene: {', '.join(builtin_scenes())})")
     data = load_recipe_data("oracle-nerf", set_)
-    data["reference"] = str(scene if scene is not None else DEFAULT_SCENE)
+    data["reference"] = str(reference.resolve())
     data["seed"] = seed
     if steps is not None:
         data.setdefault("trainer", {})["steps"] = steps

@@ -27,7 +27,7 @@ def sets(items):
         (["demo", "--set", "trainer.steps=lots"], "trainer.steps: expected an integer"),
         (["demo", "--set", "guidance.0.name=magic"], r"unknown guidance 'magic'; available: .*sds"),
         (["demo", "--set", "representation.hash_encoding_backend=cuda-magic"], "unknown backend 'cuda-magic'"),
-        (["demo", "--scene", "/nonexistent/scene.json"], "does not exist"),
+        (["demo", "--scene", "/nonexistent/scene.json"], "does not exist.*two_cylinders"),
         (["resume", "/nonexistent/run"], "not a run directory"),
         (["export", "/nonexistent/run", "--format", "fbx"], "unknown export format 'fbx'"),
     ],
@@ -58,6 +58,13 @@ def test_plugins_and_doctor():
     for op in ("hash_encoding", "composite", "march"):
         assert op in out
     assert "cuda" in out and "torch" in out
+
+
+def test_demo_takes_a_shipped_scene_by_name(tmp_path):
+    out = tmp_path / "run"
+    code, _, err = run("demo", "--scene", "two_cylinders", "--steps", "2", "--out", str(out), "--quiet", *sets(TINY))
+    assert code == 0, err
+    assert "two_cylinders.json" in (out / "config.yaml").read_text()
 
 
 def test_recipes_listing():
