@@ -46,6 +46,9 @@ def friendly_errors(fn: Callable) -> Callable:
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+            sys.stderr.close()
+            raise typer.Exit(0)
         except Exception as exc:  # noqa: BLE001
             if debug:
                 raise
