@@ -90,7 +90,8 @@ def demo(
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the recipe's)."),
     seed: int = typer.Option(0, help="Random seed."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/demo-<time>)."),
-    set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable); with stages, STAGE:key.path=value for one stage."),
+    stages: str = typer.Option("nerf", help="nerf, or nerf,dmtet: NeRF coarse stage, then DMTet fine stage seeded from it, then a GLB."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Offline demo: oracle score distillation of an analytic scene into a NeRF, on CPU, no weights."""
@@ -101,13 +102,31 @@ def demo(
     reference = resolve_scene_path(scene) if scene is not None else DEFAULT_SCENE
     if not reference.exists():
         raise UserError(f"scene {scene} does not exist (give a file, or a shipped scene: {', '.join(builtin_scenes())})")
-    data = load_recipe_data("oracle-nerf", set_)
-    data["reference"] = str(reference.resolve())
-    data["seed"] = seed
-    if steps is not None:
-        data.setdefault("trainer", {})["steps"] = steps
-    recipe = resolve_recipe(data)
-    _run_and_report(Trainer.create(recipe, out or _default_out("demo"), quiet))
+    names = [s.strip() for s in stages.split(",") if s.strip()]
+    if names not in (["nerf"], ["nerf", "dmtet"]):
+        raise UserError(f"--stages {stages!r}: use 'nerf' or 'nerf,dmtet'")
+    out = out or _default_out("demo")
+    previous = None
+    for name in names:
+        # "--set nerf:key=v" / "--set dmtet:key=v" address one stage; plain ones apply to every stage.
+        overrides = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in set_ if ":" not in o.split("=", 1)[0] or o.startswith(f"{name}:")]
+        data = load_recipe_data(f"oracle-{name}", overrides)
+        data["reference"] = str(reference.resolve())
+        data["seed"] = seed
+        if steps is not None and name == "nerf":
+            data.setdefault("trainer", {})["steps"] = steps
+        if previous is not None:
+            data["init_from"] = str(previous)
+        stage_out = out if len(names) == 1 else out / name
+        _run_and_report(Trainer.create(resolve_recipe(data), stage_out, quiet))
+        previous = stage_out
+    if len(names) > 1:
+        from distill3d.representations.mesh.mesh_io import save_mesh
+
+        trainer = Trainer.resume(previous, quiet=True)
+        mesh, info = trainer.representation.eval().export_mesh()
+        for path in save_mesh(mesh, previous / "mesh.glb"):
+            typer.echo(f"mesh: {path} ({info.faces_final} faces)", err=True)
 
 
 def _apply_generate_options(data: dict, model: Optional[str], perp_neg: bool) -> None:
@@ -133,6 +152,7 @@ def generate(
     negative: Optional[str] = typer.Option(None, help="Negative prompt."),
     perp_neg: bool = typer.Option(False, "--perp-neg", help="Use Perp-Neg against multi-face (Janus) results."),
     reference: Optional[Path] = typer.Option(None, help="Reference file (scene for oracle recipes)."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Seed the representation from a finished run (e.g. DMTet from a NeRF run)."),
     set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable)."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
@@ -152,6 +172,8 @@ def generate(
         data.setdefault("trainer", {})["steps"] = steps
     if reference is not None:
         data["reference"] = str(reference)
+    if init_from is not None:
+        data["init_from"] = str(init_from)
     _apply_generate_options(data, model, perp_neg)
     resolved = resolve_recipe(data)
     _run_and_report(Trainer.create(resolved, out or _default_out(recipe_path(recipe).stem), quiet))

@@ -98,6 +98,13 @@ class Representation(nn.Module):
     def after_backward(self, step: int, out: RenderOutput, optimizer: torch.optim.Optimizer) -> None:
         """Hook after backward, before the optimizer step (densification of Gaussians)."""
 
+    def initialize_from(self, source: "Representation") -> dict:
+        """Seed this representation from a finished one (coarse-to-fine, e.g. DMTet from a NeRF).
+        Returns what was done, for the log."""
+        from distill3d.engine.errors import UserError
+
+        raise UserError(f"{type(self).__name__} cannot be initialised from a {type(source).__name__} run")
+
     def export_mesh(self, resolution: int = 128, target_faces: int | None = None, texture_size: int = 1024):
         """A textured surface mesh: (distill3d.representations.mesh.mesh_io.Mesh, ExportInfo)."""
         raise NotImplementedError(f"{type(self).__name__} does not export meshes")

@@ -48,6 +48,7 @@ class RecipeConfig:
     prompt: str = ""
     negative_prompt: str = ""
     reference: str | None = None  # scene/mesh/image file for the oracle, eval or image-to-3D
+    init_from: str | None = None  # a finished run directory to seed the representation from (coarse-to-fine)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cameras: CameraSamplerConfig = field(default_factory=CameraSamplerConfig)
     representation: dict[str, Any] = field(default_factory=lambda: {"name": "nerf"})

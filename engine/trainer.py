@@ -48,6 +48,24 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def load_run_representation(run_dir: Path):
+    """The representation of a run at its latest checkpoint, without building its guidance
+    (no diffusion model is loaded just to read a NeRF)."""
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.exists():
+        raise UserError(f"--init-from {run_dir}: not a run directory (no config.yaml)")
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if ckpt is None:
+        raise UserError(f"--init-from {run_dir}: the run has no checkpoint yet")
+    recipe = resolve_recipe(yaml.safe_load(config_path.read_text()))
+    ctx = BuildContext(device=pick_device(recipe.trainer.device), total_steps=recipe.trainer.steps)
+    representation = build_plugin("representation", recipe.representation, ctx, "representation")
+    state = load_checkpoint(ckpt, ctx.device)
+    representation.load_state_dict(state["representation"])
+    representation.load_extra_state(state.get("representation_extra", {}))
+    return representation.eval()
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -114,8 +132,13 @@ class Trainer:
         run_dir = Path(run_dir)
         if latest_checkpoint(run_dir / "checkpoints") is not None:
             raise UserError(f"{run_dir} already holds a run; continue it with `distill3d resume {run_dir}` or pick another --out")
+        source = load_run_representation(Path(recipe.init_from)) if recipe.init_from else None
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer = cls(recipe, run_dir, quiet)
+        if source is not None:
+            done = trainer.representation.initialize_from(source)
+            if not quiet:
+                print(f"initialised from {recipe.init_from}: {done}", file=sys.stderr)
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
         trainer.metrics_path.unlink(missing_ok=True)
         return trainer

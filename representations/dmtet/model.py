@@ -173,6 +173,45 @@ class DMTet(Representation):
         self.deformation.zero_()
         return thr
 
+    def initialize_from(self, source, texture_steps: int = 200) -> dict:
+        """Coarse-to-fine from a density field (a NeRF run): the surface starts where the source's
+        renders put it (its surface_threshold), the SDF normalised by that threshold and clamped to
+        [-1, 1] so the SDF learning rate means the same for every source; then, if the source has
+        a colour field, the albedo is fitted to it at points on the new surface (inherited texture)."""
+        if not hasattr(source, "density"):
+            return super().initialize_from(source)
+        threshold = float(getattr(source, "surface_threshold", 0.0)) or "auto"
+        if threshold == "auto":
+            threshold = self.init_from_density(source.density, "auto")
+        self.init_from_density(lambda p: source.density(p) / threshold, 1.0, clamp=1.0)
+        done = {"threshold": threshold}
+        if hasattr(source, "field") and texture_steps > 0:
+            done["texture_mse"] = self._fit_albedo(lambda p: source.field(p)[1], texture_steps)
+        return done
+
+    def _fit_albedo(self, target_fn: Callable[[Tensor], Tensor], steps: int, points_per_step: int = 1 << 14) -> float:
+        with torch.no_grad():
+            verts, faces = self.surface()
+        if faces.shape[0] == 0:
+            return float("nan")
+        params = [*self.encoding.parameters(), *self.color_net.parameters()]
+        optimizer = torch.optim.Adam(params, lr=1e-2, eps=1e-15)
+        loss = torch.zeros(())
+        for _ in range(steps):
+            with torch.no_grad():
+                tri = verts[faces[torch.randint(0, faces.shape[0], (points_per_step,))]]  # (P, 3, 3)
+                w = torch.rand(points_per_step, 3)
+                w = w / w.sum(-1, keepdim=True)
+                points = (tri * w[..., None]).sum(1)
+                target = target_fn(points)
+            loss = torch.nn.functional.mse_loss(self.albedo(points), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        for p in params:
+            p.grad = None
+        return float(loss.detach())
+
     # ----- appearance --------------------------------------------------------------------
     def albedo(self, points: Tensor) -> Tensor:
         """Albedo (P, 3) in [0, 1] at world points (P, 3)."""
