@@ -121,12 +121,7 @@ def demo(
         _run_and_report(Trainer.create(resolve_recipe(data), stage_out, quiet))
         previous = stage_out
     if len(names) > 1:
-        from distill3d.representations.mesh.mesh_io import save_mesh
-
-        trainer = Trainer.resume(previous, quiet=True)
-        mesh, info = trainer.representation.eval().export_mesh()
-        for path in save_mesh(mesh, previous / "mesh.glb"):
-            typer.echo(f"mesh: {path} ({info.faces_final} faces)", err=True)
+        typer.echo(f"mesh: {previous / 'mesh.glb'}", err=True)
 
 
 def _apply_generate_options(data: dict, model: Optional[str], perp_neg: bool) -> None:

@@ -38,6 +38,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: bool = True  # fp16 autocast on CUDA; ignored on CPU
     threads: int = 0  # CPU threads for torch (0: leave torch's default)
+    export: list[str] = field(default_factory=list)  # mesh formats written at the end: glb, obj, ply
+    export_resolution: int = 128  # marching-cubes grid for NeRF exports
+    export_texture_size: int = 1024
 
 
 @dataclass
@@ -99,6 +102,9 @@ def resolve_recipe(data: dict) -> RecipeConfig:
     Schedule.parse(recipe.trainer.resolution, "trainer.resolution").resolve(recipe.trainer.steps)
     if recipe.trainer.steps <= 0:
         raise ConfigError(f"trainer.steps must be positive, got {recipe.trainer.steps}")
+    bad = [f for f in recipe.trainer.export if f not in ("glb", "obj", "ply")]
+    if bad:
+        raise ConfigError(f"trainer.export: unknown mesh format {bad[0]!r}; use glb, obj or ply")
     if recipe.trainer.batch_size <= 0:
         raise ConfigError(f"trainer.batch_size must be positive, got {recipe.trainer.batch_size}")
     return recipe

@@ -285,6 +285,17 @@ class Trainer:
             result = evaluate_against_reference(self.representation, self.ctx.reference, self.sampler, tc.eval_views, tc.eval_resolution)
             atomic_write_text(self.run_dir / "eval.json", json.dumps(result, indent=2))
         write_turntable(self.representation, self.sampler, self.run_dir, tc.video_frames, tc.video_resolution, tc.video_fps, ("mp4", "gif"))
+        if tc.export:
+            from distill3d.representations.mesh.marching_cubes import EmptySurfaceError
+            from distill3d.representations.mesh.mesh_io import save_mesh
+
+            try:
+                mesh, _ = self.representation.export_mesh(tc.export_resolution, None, tc.export_texture_size)
+            except EmptySurfaceError as exc:  # the run itself is fine: say so, write nothing
+                print(f"no mesh exported: {exc}", file=sys.stderr)
+                return result
+            for fmt in tc.export:
+                save_mesh(mesh, self.run_dir / f"mesh.{fmt}")
         return result
 
 

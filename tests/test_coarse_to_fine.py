@@ -50,6 +50,7 @@ def test_demo_stages_nerf_then_dmtet_writes_a_glb(tmp_path):
     assert "initialised from" in err and (out / "nerf" / "eval.json").exists() and (out / "dmtet" / "eval.json").exists()
     assert str(out / "nerf") in (out / "dmtet" / "config.yaml").read_text()
     mesh = trimesh.load(out / "dmtet" / "mesh.glb", force="mesh")
+    assert mesh.visual.material.baseColorTexture is not None
     assert len(mesh.faces) > 0
 
 

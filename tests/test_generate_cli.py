@@ -31,7 +31,7 @@ def tiny_if(tmp_path_factory):
 
 
 def assert_complete_run(run_dir, steps):
-    for name in ("config.yaml", "metrics.jsonl", "turntable.mp4", "turntable.gif"):
+    for name in ("config.yaml", "metrics.jsonl", "turntable.mp4", "turntable.gif", "mesh.glb"):
         assert (run_dir / name).stat().st_size > 0, name
     assert (run_dir / "checkpoints" / f"step_{steps:07d}.pt").exists()
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
