@@ -47,6 +47,15 @@ def light_directions(camera_positions: Tensor, jitter_deg: float, training: bool
     return d
 
 
+def render_shading(settings, config: ShadingConfig, camera_positions: Tensor) -> tuple[str, Tensor]:
+    """The shading mode of this render ("train" draws one from train_mix when training, albedo
+    otherwise) and the light directions (B, 3) for its cameras."""
+    mode = settings.shading
+    if mode == "train":
+        mode = pick_training_mode(config) if settings.training else "albedo"
+    return mode, light_directions(camera_positions, config.light_jitter_deg, settings.training)
+
+
 def shade(albedo: Tensor, normals: Tensor | None, light_dir: Tensor, mode: str, config: ShadingConfig) -> Tensor:
     """Colour per sample/pixel. albedo (..., 3); normals (..., 3) unit; light_dir broadcastable."""
     if mode == "albedo":

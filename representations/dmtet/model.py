@@ -30,7 +30,7 @@ from distill3d.representations.mesh.mesh_io import vertex_normals
 from distill3d.representations.mesh.rasterizer import antialias, face_adjacency, interpolate, project, rasterize
 from distill3d.representations.nerf.hash_encoding import HashEncoding, HashEncodingConfig, per_level_scale_for
 from distill3d.representations.nerf.model import mlp
-from distill3d.representations.shading import ShadingConfig, light_directions, pick_training_mode, shade, validate_mix
+from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
 
 __all__ = ["DMTet", "DMTetConfig", "normal_consistency", "uniform_laplacian"]
 
@@ -224,10 +224,7 @@ class DMTet(Representation):
         b, h, w = len(cameras), settings.height, settings.width
         _, dirs = pixel_rays(cameras, h, w)
         background = self.background(dirs, settings.background)
-        mode = settings.shading
-        if mode == "train":
-            mode = pick_training_mode(c.shading) if settings.training else "albedo"
-        light = light_directions(cameras.position, c.shading.light_jitter_deg, settings.training)
+        mode, light = render_shading(settings, c.shading, cameras.position)
         verts, faces = self.surface()
         extras = {"shading": mode, "mesh_vertices": verts, "mesh_faces": faces, "num_faces": int(faces.shape[0])}
         want_normals = settings.need_normals or mode in ("lambertian", "textureless", "normal")

@@ -24,7 +24,7 @@ from distill3d.representations.background import Background, BackgroundConfig
 from distill3d.representations.nerf.hash_encoding import HashEncoding, HashEncodingConfig, per_level_scale_for
 from distill3d.representations.nerf.occupancy import OccupancyConfig, OccupancyGrid
 from distill3d.representations.nerf.rendering import Samples, ray_sphere_bounds
-from distill3d.representations.shading import ShadingConfig, light_directions, pick_training_mode, shade, validate_mix
+from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
 
 
 def mlp(in_dim: int, hidden: int, hidden_layers: int, out_dim: int) -> nn.Sequential:
@@ -183,10 +183,7 @@ class HashGridNeRF(Representation):
         b, h, w = len(cameras), settings.height, settings.width
         origins, dirs = pixel_rays(cameras, h, w)
         background = self.background(dirs, settings.background)
-        mode = settings.shading
-        if mode == "train":
-            mode = pick_training_mode(c.shading) if settings.training else "albedo"
-        light = light_directions(cameras.position, c.shading.light_jitter_deg, settings.training)
+        mode, light = render_shading(settings, c.shading, cameras.position)
         image_of_ray = torch.arange(b, device=origins.device).repeat_interleave(h * w)
         o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
         want_normals = settings.need_normals or (settings.training and self.orientation_weight.points[-1][1] > 0)
