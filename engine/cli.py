@@ -95,9 +95,7 @@ def demo(
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Offline demo: oracle score distillation of an analytic scene into a NeRF, on CPU, no weights."""
-    from distill3d.engine.recipe import load_recipe_data, resolve_recipe
     from distill3d.engine.reference_scene import DEFAULT_SCENE, builtin_scenes, resolve_scene_path
-    from distill3d.engine.trainer import Trainer
 
     reference = resolve_scene_path(scene) if scene is not None else DEFAULT_SCENE
     if not reference.exists():
@@ -105,22 +103,43 @@ def demo(
     names = [s.strip() for s in stages.split(",") if s.strip()]
     if names not in (["nerf"], ["nerf", "dmtet"]):
         raise UserError(f"--stages {stages!r}: use 'nerf' or 'nerf,dmtet'")
-    out = out or _default_out("demo")
-    previous = None
-    for name in names:
-        # "--set nerf:key=v" / "--set dmtet:key=v" address one stage; plain ones apply to every stage.
-        overrides = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in set_ if ":" not in o.split("=", 1)[0] or o.startswith(f"{name}:")]
-        data = load_recipe_data(f"oracle-{name}", overrides)
+    def prepare(name: str, data: dict) -> None:
         data["reference"] = str(reference.resolve())
         data["seed"] = seed
         if steps is not None and name == "nerf":
             data.setdefault("trainer", {})["steps"] = steps
+
+    _run_stages([(name, f"oracle-{name}") for name in names], out or _default_out("demo"), set_, prepare, quiet)
+
+
+def _stage_overrides(name: str, overrides: list[str]) -> list[str]:
+    """'--set STAGE:key=v' addresses one stage; plain overrides apply to every stage."""
+    picked = []
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        if ":" not in key:
+            picked.append(text)
+        elif key.split(":", 1)[0] == name:
+            picked.append(text.split(":", 1)[1])
+    return picked
+
+
+def _run_stages(stages: list[tuple[str, str]], out: Path, overrides: list[str], prepare: Callable[[str, dict], None], quiet: bool) -> None:
+    """Run recipes one after another, each seeded from the previous run (--init-from); with more
+    than one stage each gets its own run directory OUT/<stage>."""
+    from distill3d.engine.recipe import load_recipe_data, resolve_recipe
+    from distill3d.engine.trainer import Trainer
+
+    previous = None
+    for name, recipe_name in stages:
+        data = load_recipe_data(recipe_name, _stage_overrides(name, overrides))
+        prepare(name, data)
         if previous is not None:
             data["init_from"] = str(previous)
-        stage_out = out if len(names) == 1 else out / name
+        stage_out = out if len(stages) == 1 else out / name
         _run_and_report(Trainer.create(resolve_recipe(data), stage_out, quiet))
         previous = stage_out
-    if len(names) > 1:
+    if len(stages) > 1 and (previous / "mesh.glb").exists():
         typer.echo(f"mesh: {previous / 'mesh.glb'}", err=True)
 
 
@@ -152,26 +171,35 @@ def generate(
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Text-to-3D (or any recipe): optimise a 3D representation for PROMPT."""
-    from distill3d.engine.recipe import load_recipe_data, recipe_path, resolve_recipe
-    from distill3d.engine.trainer import Trainer
+    from distill3d.engine.config import load_yaml
+    from distill3d.engine.recipe import recipe_path
 
     if not prompt.strip():
         raise UserError("the prompt is empty; say what to make, e.g. distill3d generate \"a DSLR photo of a corgi\"")
-    data = load_recipe_data(recipe, set_)
-    data["prompt"] = prompt
-    if negative is not None:
-        data["negative_prompt"] = negative
-    if seed is not None:
-        data["seed"] = seed
-    if steps is not None:
-        data.setdefault("trainer", {})["steps"] = steps
-    if reference is not None:
-        data["reference"] = str(reference)
-    if init_from is not None:
-        data["init_from"] = str(init_from)
-    _apply_generate_options(data, model, perp_neg)
-    resolved = resolve_recipe(data)
-    _run_and_report(Trainer.create(resolved, out or _default_out(recipe_path(recipe).stem), quiet))
+    path = recipe_path(recipe)
+    staged = load_yaml(path).get("stages")
+
+    def prepare(name: str, data: dict) -> None:
+        data["prompt"] = prompt
+        if negative is not None:
+            data["negative_prompt"] = negative
+        if seed is not None:
+            data["seed"] = seed
+        if steps is not None:
+            data.setdefault("trainer", {})["steps"] = steps
+        if reference is not None:
+            data["reference"] = str(reference)
+        if init_from is not None and name == first:
+            data["init_from"] = str(init_from)
+        _apply_generate_options(data, model, perp_neg)
+
+    if staged:
+        # A staged recipe lists {name, recipe} stages run in order, each seeded from the last.
+        stages = [(str(st["name"]), str(st["recipe"])) for st in staged]
+    else:
+        stages = [("main", str(path))]
+    first = stages[0][0]
+    _run_stages(stages, out or _default_out(path.stem), set_, prepare, quiet)
 
 
 @app.command()

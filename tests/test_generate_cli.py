@@ -72,3 +72,20 @@ def test_folder_that_is_not_a_model_says_what_is_missing(tmp_path):
     (folder / "readme.txt").write_text("not a model")
     code, _, err = run("generate", "a cat", "--recipe", "dreamfusion-sd", "--model", str(folder), "--out", str(tmp_path / "r"), *small())
     assert code == 2 and "Traceback" not in err and "unet" in err.lower()
+
+
+def test_magic3d_two_stages_with_tiny_stable_diffusion(tiny_sd, tmp_path):
+    import trimesh
+
+    out = tmp_path / "run"
+    tiny_dmtet = ["refine:representation.grid_resolution=12", "refine:trainer.resolution=16", "refine:trainer.eval_resolution=16",
+                  "refine:trainer.video_frames=2", "refine:trainer.video_resolution=16", "refine:trainer.checkpoint_every=2",
+                  "refine:representation.shading.train_mix={albedo: 1.0}"]
+    sets = [f"coarse:{s}" for s in TINY + ["trainer.checkpoint_every=2", "representation.shading.train_mix={albedo: 1.0}"]] + tiny_dmtet
+    code, _, err = run("generate", "a cat", "--recipe", "magic3d", "--model", str(tiny_sd), "--steps", "3", "--out", str(out), "--quiet",
+                       *sum((["--set", s] for s in sets), []))
+    assert code == 0, err
+    assert (out / "coarse" / "checkpoints" / "step_0000003.pt").exists()
+    refine = (out / "refine" / "config.yaml").read_text()
+    assert "dmtet" in refine and str(out / "coarse") in refine and "a cat" in refine and str(tiny_sd) in refine
+    assert len(trimesh.load(out / "refine" / "mesh.glb", force="mesh").faces) > 0
