@@ -292,37 +292,13 @@ class DMTet(Representation):
         """The current marching-tets surface (resolution is ignored: the tet grid sets it), small
         components removed, optional decimation, xatlas unwrap, baked albedo texture and vertex
         colours. Returns (Mesh, ExportInfo); EmptySurfaceError when there is no surface."""
-        from distill3d.representations.mesh.cleanup import decimate, decimation_method, remove_small_components
         from distill3d.representations.mesh.marching_cubes import EmptySurfaceError
-        from distill3d.representations.mesh.mesh_io import Mesh
-        from distill3d.representations.mesh.texture_bake import ExportInfo, bake_texture, unwrap_uv
+        from distill3d.representations.mesh.texture_bake import textured_mesh
 
         verts, faces = self.surface()
-        n_mt = int(faces.shape[0])
-        if n_mt == 0:
+        if faces.shape[0] == 0:
             raise EmptySurfaceError("the DMTet SDF has no zero crossing; nothing to export")
-        mesh = remove_small_components(Mesh(verts.float().contiguous(), faces), min_fraction=min_component_fraction)
-        n_clean = mesh.num_faces
-        method = None
-        if target_faces is not None and mesh.num_faces > target_faces:
-            method = decimation_method()
-            mesh = decimate(mesh, target_faces, method=method)
-        if mesh.num_faces == 0:
-            raise EmptySurfaceError("empty surface after clean-up; nothing to export")
-        mesh = Mesh(mesh.vertices, mesh.faces, normals=vertex_normals(mesh.vertices, mesh.faces))
-        chunk = 1 << 16
-        mesh.vertex_colors = torch.cat([self.albedo(mesh.vertices[i : i + chunk]) for i in range(0, mesh.num_vertices, chunk)]).float().clamp(0, 1)
-        mesh, _ = unwrap_uv(mesh, texture_size)
-        texture, covered = bake_texture(mesh, self.albedo, texture_size)
-        mesh.texture = texture
-        info = ExportInfo(
-            threshold=0.0,
-            faces_marching_cubes=n_mt,
-            faces_after_cleanup=n_clean,
-            faces_final=mesh.num_faces,
-            decimation=method,
-            texture_size=int(texture_size),
-            texel_coverage=float(covered.float().mean()),
-            extras={"source": "dmtet", "grid_resolution": self.config.grid_resolution},
+        return textured_mesh(
+            verts, faces, self.albedo, min_component_fraction=min_component_fraction, target_faces=target_faces,
+            texture_size=texture_size, extras={"source": "dmtet", "grid_resolution": self.config.grid_resolution},
         )
-        return mesh, info

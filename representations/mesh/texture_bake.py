@@ -179,8 +179,32 @@ def mesh_from_fields(
     threshold.
     """
     verts, faces, thr = extract_surface(density_fn, bounds, resolution, threshold, pad=True)
-    n_mc = int(faces.shape[0])
-    mesh = remove_small_components(Mesh(verts, faces), min_fraction=min_component_fraction)
+    return textured_mesh(
+        verts, faces, color_fn, threshold=thr, min_component_fraction=min_component_fraction, target_faces=target_faces,
+        decimation=decimation, texture_size=texture_size, uv_padding=uv_padding, vertex_colors=vertex_colors, chunk_size=chunk_size,
+    )
+
+
+def textured_mesh(
+    verts: Tensor,
+    faces: Tensor,
+    color_fn: ColorField,
+    threshold: float = 0.0,
+    min_component_fraction: float = 0.02,
+    target_faces: int | None = None,
+    decimation: str = "auto",
+    texture_size: int = 1024,
+    uv_padding: int = 2,
+    vertex_colors: bool = True,
+    chunk_size: int = 1 << 16,
+    extras: dict | None = None,
+) -> tuple[Mesh, ExportInfo]:
+    """An extracted surface (from marching cubes or marching tets) -> the exported mesh: small
+    components removed, optional decimation, normals, xatlas unwrap, baked albedo, vertex colours."""
+    n_extracted = int(faces.shape[0])
+    if n_extracted == 0:
+        raise EmptySurfaceError("the surface is empty; nothing to export")
+    mesh = remove_small_components(Mesh(verts.float().contiguous(), faces), min_fraction=min_component_fraction)
     n_clean = mesh.num_faces
     method = None
     if target_faces is not None and mesh.num_faces > target_faces:
@@ -196,12 +220,13 @@ def mesh_from_fields(
     texture, covered = bake_texture(mesh, color_fn, texture_size, chunk_size)
     mesh.texture = texture
     info = ExportInfo(
-        threshold=thr,
-        faces_marching_cubes=n_mc,
+        threshold=threshold,
+        faces_marching_cubes=n_extracted,
         faces_after_cleanup=n_clean,
         faces_final=mesh.num_faces,
         decimation=method,
         texture_size=int(texture_size),
         texel_coverage=float(covered.float().mean()),
+        extras=dict(extras or {}),
     )
     return mesh, info
