@@ -29,12 +29,15 @@ from distill3d.representations.mesh.mesh_io import load_mesh  # noqa: E402
 from distill3d.representations.mesh.render import render_mesh  # noqa: E402
 
 
-def surface_points(mesh, n: int) -> torch.Tensor:
+def surface_points(mesh, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """n points uniformly over the mesh surface (area-weighted faces, uniform barycentrics)."""
     tri = mesh.vertices[mesh.faces]
     area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=-1)
-    pick = torch.multinomial(area, n, replacement=True)
-    w = torch.rand(n, 3)
-    w = w / w.sum(-1, keepdim=True)
+    pick = torch.multinomial(area, n, replacement=True, generator=generator)
+    u, v = torch.rand(2, n, generator=generator)
+    flip = u + v > 1
+    u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
+    w = torch.stack([1 - u - v, u, v], dim=-1)
     return (tri[pick] * w[..., None]).sum(1)
 
 
@@ -43,16 +46,15 @@ def nearest(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--mesh", type=Path, default=None)
-    args = parser.parse_args()
+def evaluate_mesh(run_dir: Path, mesh_path: Path | None = None) -> dict:
+    """PSNR / mask IoU of the reloaded mesh file over the run's eval views, and Chamfer-L1 against
+    the exact reference surface (also as a fraction of the reference's bounding-box diagonal)."""
     import yaml
 
-    recipe = resolve_recipe(yaml.safe_load((args.run_dir / "config.yaml").read_text()))
+    recipe = resolve_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
     reference = load_reference(recipe.reference)
-    mesh = load_mesh(args.mesh or args.run_dir / "mesh.glb")
+    mesh_path = mesh_path or run_dir / "mesh.glb"
+    mesh = load_mesh(mesh_path)
     sampler = CameraSampler(recipe.cameras)
     cams = sampler.eval_cameras(recipe.trainer.eval_views)
     res = recipe.trainer.eval_resolution
@@ -73,11 +75,11 @@ def main() -> None:
     hit = exact.opacity.reshape(-1) > 0.5
     ref_pts = (o.reshape(-1, 3) + d.reshape(-1, 3) * exact.depth.reshape(-1, 1))[hit]
     ref_pts = ref_pts[torch.randperm(ref_pts.shape[0], generator=g)[:30000]]
-    mesh_pts = surface_points(mesh, 30000)
+    mesh_pts = surface_points(mesh, 30000, g)
     chamfer = 0.5 * (nearest(mesh_pts, ref_pts).mean() + nearest(ref_pts, mesh_pts).mean())
     diagonal = (ref_pts.max(0).values - ref_pts.min(0).values).norm()
-    result = {
-        "mesh": str(args.mesh or args.run_dir / "mesh.glb"),
+    return {
+        "mesh": str(mesh_path),
         "faces": int(mesh.faces.shape[0]),
         "textured": mesh.texture is not None,
         "psnr": sum(psnrs) / len(psnrs),
@@ -85,6 +87,14 @@ def main() -> None:
         "chamfer_l1": float(chamfer),
         "chamfer_l1_over_diagonal": float(chamfer / diagonal),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--mesh", type=Path, default=None)
+    args = parser.parse_args()
+    result = evaluate_mesh(args.run_dir, args.mesh)
     print(f"machine: {machine_description()}")
     print(json.dumps(result, indent=2))
 

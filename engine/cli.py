@@ -86,7 +86,10 @@ def _run_and_report(trainer) -> None:
 @app.command()
 @friendly_errors
 def demo(
-    scene: Optional[Path] = typer.Option(None, help="Scene file (JSON/YAML primitives or OBJ/GLB/PLY mesh) or a shipped scene name (default, two_cylinders)."),
+    scene: Optional[Path] = typer.Option(
+        None, "--scene", "--reference",
+        help="The reference to distil: a scene file (JSON/YAML primitives), a mesh file (OBJ/GLB/PLY, textured or vertex-coloured) or a shipped scene name (default, two_cylinders).",
+    ),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the recipe's)."),
     seed: int = typer.Option(0, help="Random seed."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/demo-<time>)."),
@@ -94,7 +97,8 @@ def demo(
     stages: str = typer.Option("nerf", help="nerf, or nerf,dmtet: NeRF coarse stage, then DMTet fine stage seeded from it, then a GLB."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
-    """Offline demo: oracle score distillation of an analytic scene into a NeRF, on CPU, no weights."""
+    """Offline demo: oracle score distillation of a reference (analytic scene or mesh file) into a NeRF
+    (and with --stages nerf,dmtet a refined DMTet mesh exported as GLB), on CPU, no weights."""
     from distill3d.engine.reference_scene import DEFAULT_SCENE, builtin_scenes, resolve_scene_path
 
     reference = resolve_scene_path(scene) if scene is not None else DEFAULT_SCENE

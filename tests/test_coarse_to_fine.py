@@ -11,6 +11,7 @@ from distill3d.engine.config import from_dict
 from distill3d.engine.evaluation import mask_iou
 from distill3d.engine.interfaces import BuildContext, RenderSettings
 from distill3d.representations.dmtet.model import DMTet, DMTetConfig
+from tests.mesh_fixtures import make_textured_reference, validate_gltf
 from tests.test_nerf import make as make_nerf
 from tests.test_trainer import TINY
 
@@ -36,22 +37,30 @@ def run(*args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_demo_stages_nerf_then_dmtet_writes_a_glb(tmp_path):
+def test_demo_stages_nerf_then_dmtet_from_a_textured_mesh_reference_writes_a_glb(tmp_path):
     import trimesh
 
+    reference = make_textured_reference(tmp_path / "reference.glb", texture_size=64)
     out = tmp_path / "run"
     sets = [f"nerf:{s}" for s in TINY] + [
         "dmtet:representation.grid_resolution=16", "dmtet:trainer.resolution=16", "dmtet:trainer.steps=3",
         "dmtet:trainer.eval_views=2", "dmtet:trainer.eval_resolution=16", "dmtet:trainer.video_frames=2",
         "dmtet:trainer.video_resolution=16",
     ]
-    code, _, err = run("demo", "--stages", "nerf,dmtet", "--steps", "40", "--out", str(out), *sum((["--set", s] for s in sets), []))
+    code, _, err = run(
+        "demo", "--stages", "nerf,dmtet", "--reference", str(reference), "--steps", "40", "--out", str(out),
+        *sum((["--set", s] for s in sets), []),
+    )
     assert code == 0, err
     assert "initialised from" in err and (out / "nerf" / "eval.json").exists() and (out / "dmtet" / "eval.json").exists()
     assert str(out / "nerf") in (out / "dmtet" / "config.yaml").read_text()
+    assert str(reference) in (out / "dmtet" / "config.yaml").read_text()
     mesh = trimesh.load(out / "dmtet" / "mesh.glb", force="mesh")
     assert mesh.visual.material.baseColorTexture is not None
     assert len(mesh.faces) > 0
+    report = validate_gltf(out / "dmtet" / "mesh.glb")
+    if report is not None:  # the npm validator, when ./dev.sh could install it
+        assert report["errors"] == 0 and report["warnings"] == 0, report["messages"]
 
 
 def test_bad_stages_and_init_from_are_clear_errors(tmp_path):

@@ -3,10 +3,7 @@ rendering of mesh references."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from distill3d.engine.cameras import make_cameras, pixel_rays
 from distill3d.representations.mesh import mesh_io
 from distill3d.representations.mesh.mesh_io import Mesh, MeshLoadError, load_mesh, normalize, sample_texture, save_mesh
 from distill3d.representations.mesh.render import render_mesh
+from tests.mesh_fixtures import SKIP_NO_VALIDATOR, gltf_validator, validate_gltf
 
 
 def _quantized(t):
@@ -89,33 +87,12 @@ def test_ply_round_trip_with_vertex_colours(tmp_path):
         assert torch.allclose(load_mesh(tmp_path / f"vc.{ext}").vertex_colors, mesh.vertex_colors, atol=2e-3)
 
 
-def _gltf_validator():
-    """Khronos glTF validator (npm `gltf-validator`) when installed: DISTILL3D_GLTF_VALIDATOR names the
-    folder holding its node_modules."""
-    root = os.environ.get("DISTILL3D_GLTF_VALIDATOR")
-    node = shutil.which("node")
-    if not root or not node or not os.path.isdir(os.path.join(root, "node_modules", "gltf-validator")):
-        return None
-    return node, os.path.join(root, "node_modules")
-
-
 def test_glb_passes_the_gltf_validator(tmp_path):
-    found = _gltf_validator()
-    if found is None:
-        pytest.skip("gltf-validator not installed (npm install gltf-validator; set DISTILL3D_GLTF_VALIDATOR)")
-    node, modules = found
-    script = tmp_path / "validate.js"
-    script.write_text(
-        "const fs=require('fs');const v=require('gltf-validator');"
-        "v.validateBytes(new Uint8Array(fs.readFileSync(process.argv[2]))).then(r=>{"
-        "console.log(JSON.stringify({errors:r.issues.numErrors,warnings:r.issues.numWarnings,"
-        "messages:r.issues.messages.map(m=>m.code+' '+m.message)}))}).catch(e=>{console.error(e);process.exit(2)});"
-    )
+    if gltf_validator() is None:
+        pytest.skip(SKIP_NO_VALIDATOR)
     for name, mesh in (("tex.glb", _sphere().with_normals()), ("vc.glb", _sphere(textured=False, colored=True))):
         save_mesh(mesh, tmp_path / name)
-        res = subprocess.run([node, str(script), str(tmp_path / name)], capture_output=True, text=True, env={**os.environ, "NODE_PATH": modules}, timeout=60)
-        assert res.returncode == 0, res.stderr
-        report = json.loads(res.stdout)
+        report = validate_gltf(tmp_path / name)
         assert report["errors"] == 0 and report["warnings"] == 0, report["messages"]
 
 
