@@ -25,20 +25,8 @@ from distill3d.engine.config import from_dict  # noqa: E402
 from distill3d.engine.evaluation import mask_iou, psnr  # noqa: E402
 from distill3d.engine.recipe import resolve_recipe  # noqa: E402
 from distill3d.engine.references import load_reference  # noqa: E402
-from distill3d.representations.mesh.mesh_io import load_mesh  # noqa: E402
+from distill3d.representations.mesh.mesh_io import load_mesh, sample_surface  # noqa: E402
 from distill3d.representations.mesh.render import render_mesh  # noqa: E402
-
-
-def surface_points(mesh, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """n points uniformly over the mesh surface (area-weighted faces, uniform barycentrics)."""
-    tri = mesh.vertices[mesh.faces]
-    area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=-1)
-    pick = torch.multinomial(area, n, replacement=True, generator=generator)
-    u, v = torch.rand(2, n, generator=generator)
-    flip = u + v > 1
-    u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
-    w = torch.stack([1 - u - v, u, v], dim=-1)
-    return (tri[pick] * w[..., None]).sum(1)
 
 
 def nearest(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -75,7 +63,7 @@ def evaluate_mesh(run_dir: Path, mesh_path: Path | None = None) -> dict:
     hit = exact.opacity.reshape(-1) > 0.5
     ref_pts = (o.reshape(-1, 3) + d.reshape(-1, 3) * exact.depth.reshape(-1, 1))[hit]
     ref_pts = ref_pts[torch.randperm(ref_pts.shape[0], generator=g)[:30000]]
-    mesh_pts = surface_points(mesh, 30000, g)
+    mesh_pts = sample_surface(mesh.vertices, mesh.faces, 30000, g)
     chamfer = 0.5 * (nearest(mesh_pts, ref_pts).mean() + nearest(ref_pts, mesh_pts).mean())
     diagonal = (ref_pts.max(0).values - ref_pts.min(0).values).norm()
     return {

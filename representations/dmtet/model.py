@@ -26,7 +26,8 @@ from distill3d.engine.schedules import Schedule, ScheduleSpec
 from distill3d.representations.background import Background, BackgroundConfig
 from distill3d.representations.dmtet.marching_tets import marching_tets
 from distill3d.representations.dmtet.tet_grid import tet_grid
-from distill3d.representations.mesh.mesh_io import vertex_normals
+from distill3d.representations.mesh.cavities import DEFAULT_CLOSE_GAPS, fill_cavities
+from distill3d.representations.mesh.mesh_io import sample_surface, vertex_normals
 from distill3d.representations.mesh.rasterizer import antialias, face_adjacency, interpolate, project, rasterize
 from distill3d.representations.nerf.hash_encoding import HashEncoding, HashEncodingConfig, per_level_scale_for
 from distill3d.representations.nerf.model import mlp
@@ -169,9 +170,22 @@ class DMTet(Representation):
         else:
             thr = float(threshold)
         limit = 10.0 * max(abs(thr), 1.0) if clamp is None else float(clamp)
-        self.sdf.copy_((d - thr).clamp(-limit, limit).to(self.sdf.dtype))
+        sdf = (d - thr).clamp(-limit, limit)
+        self.sdf.copy_(self.solid_sdf(sdf, fill_value=limit).to(self.sdf.dtype))
         self.deformation.zero_()
         return thr
+
+    def solid_sdf(self, sdf: Tensor | None = None, fill_value: float | None = None) -> Tensor:
+        """The SDF with its enclosed cavities filled (set to fill_value, default the largest SDF):
+        a density seed has hidden inner shells, and nothing trains them away (cavities.py)."""
+        sdf = self.sdf.detach() if sdf is None else sdf
+        m = self.config.grid_resolution + 1
+        inside = (sdf > 0).reshape(m, m, m)  # tet_grid orders vertices (i m + j) m + k
+        cavity = (fill_cavities(inside, DEFAULT_CLOSE_GAPS) & ~inside).reshape(-1)
+        if not bool(cavity.any()):
+            return sdf
+        value = float(sdf.max()) if fill_value is None else float(fill_value)
+        return sdf.masked_fill(cavity, value)
 
     def initialize_from(self, source, texture_steps: int = 200) -> dict:
         """Coarse-to-fine from a density field (a NeRF run): the surface starts where the source's
@@ -199,10 +213,7 @@ class DMTet(Representation):
         loss = torch.zeros(())
         for _ in range(steps):
             with torch.no_grad():
-                tri = verts[faces[torch.randint(0, faces.shape[0], (points_per_step,))]]  # (P, 3, 3)
-                w = torch.rand(points_per_step, 3)
-                w = w / w.sum(-1, keepdim=True)
-                points = (tri * w[..., None]).sum(1)
+                points = sample_surface(verts, faces, points_per_step)
                 target = target_fn(points)
             loss = torch.nn.functional.mse_loss(self.albedo(points), target)
             optimizer.zero_grad(set_to_none=True)
@@ -289,13 +300,13 @@ class DMTet(Representation):
     # ----- export ------------------------------------------------------------------------
     @torch.no_grad()
     def export_mesh(self, resolution: int = 128, target_faces: int | None = None, texture_size: int = 1024, min_component_fraction: float = 0.02):
-        """The current marching-tets surface (resolution is ignored: the tet grid sets it), small
-        components removed, optional decimation, xatlas unwrap, baked albedo texture and vertex
+        """The current marching-tets surface with enclosed cavities filled (resolution is ignored:
+        the tet grid sets it), small components removed, optional decimation, xatlas unwrap, baked albedo texture and vertex
         colours. Returns (Mesh, ExportInfo); EmptySurfaceError when there is no surface."""
         from distill3d.representations.mesh.marching_cubes import EmptySurfaceError
         from distill3d.representations.mesh.texture_bake import textured_mesh
 
-        verts, faces = self.surface()
+        verts, faces = marching_tets(self.vertex_positions(), self.solid_sdf(), self.tets)
         if faces.shape[0] == 0:
             raise EmptySurfaceError("the DMTet SDF has no zero crossing; nothing to export")
         return textured_mesh(

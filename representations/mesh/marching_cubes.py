@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from distill3d.engine.errors import UserError
+from distill3d.representations.mesh.cavities import DEFAULT_CLOSE_GAPS, fill_cavities
 
 __all__ = [
     "EmptySurfaceError",
@@ -241,12 +242,14 @@ def extract_surface(
     threshold: float | str = "auto",
     pad: bool = True,
     chunk_size: int = 1 << 18,
+    solid: bool = True,
 ) -> tuple[Tensor, Tensor, float]:
     """Mesh the region where a density exceeds a threshold.
 
     density: a (R, R, R) grid over bounds, or a function points (N, 3) -> (N,) sampled on a
     resolution^3 grid. threshold: a number or "auto" (mean positive density). pad: surround the grid
-    with an outside layer so surfaces touching the border come out closed.
+    with an outside layer so surfaces touching the border come out closed. solid: fill enclosed
+    cavities first (see cavities.py), so only the outer surface is meshed.
     Returns (vertices, faces, threshold used). Raises EmptySurfaceError when nothing is above it.
     """
     grid = density if isinstance(density, Tensor) else sample_grid(density, bounds, resolution, chunk_size)
@@ -260,6 +263,9 @@ def extract_surface(
     vmax = float(finite.max())
     if not vmax > thr:
         raise EmptySurfaceError(f"empty surface: no density above the threshold {thr:.4g} (max density {vmax:.4g}); nothing to export")
+    if solid:
+        cavity = fill_cavities(grid > thr, DEFAULT_CLOSE_GAPS) & ~(grid > thr)
+        grid = grid.masked_fill(cavity, vmax)
     b = _bounds_tensor(bounds, grid.device)
     if pad:
         step = (b[1] - b[0]) / torch.tensor(list(grid.shape), dtype=torch.float64, device=grid.device).sub(1)

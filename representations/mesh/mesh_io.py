@@ -29,6 +29,7 @@ __all__ = [
     "load_mesh",
     "normalize",
     "vertex_normals",
+    "sample_surface",
     "save_mesh",
     "write_obj",
     "write_glb",
@@ -97,6 +98,22 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
     fn = torch.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]], dim=-1)  # 2 * area * normal
     n = torch.zeros_like(v).index_add_(0, f.reshape(-1), fn.repeat_interleave(3, dim=0))
     return torch.nn.functional.normalize(n, dim=-1)
+
+
+def sample_surface(vertices: Tensor, faces: Tensor, n: int, generator: torch.Generator | None = None, area_weighted: bool = True) -> Tensor:
+    """n points (n, 3) uniformly over a triangle mesh's surface: faces picked in proportion to
+    their area (or uniformly), barycentrics uniform over each triangle."""
+    tri = vertices[faces.long()]
+    if area_weighted:
+        area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=-1)
+        pick = torch.multinomial(area.float().cpu(), n, replacement=True, generator=generator).to(tri.device)
+    else:
+        pick = torch.randint(0, tri.shape[0], (n,), generator=generator).to(tri.device)
+    u, v = torch.rand(2, n, generator=generator).to(tri)
+    flip = u + v > 1
+    u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
+    w = torch.stack([1 - u - v, u, v], dim=-1)
+    return (tri[pick] * w[..., None]).sum(1)
 
 
 def sample_texture(texture: Tensor, uv: Tensor) -> Tensor:
