@@ -192,7 +192,9 @@ def generate(
         if steps is not None:
             data.setdefault("trainer", {})["steps"] = steps
         if reference is not None:
-            data["reference"] = str(reference)
+            from distill3d.engine.reference_scene import resolve_scene_path
+
+            data["reference"] = str(resolve_scene_path(reference))  # a file, or a shipped scene's name
         if init_from is not None and name == first:
             data["init_from"] = str(init_from)
         _apply_generate_options(data, model, perp_neg)

@@ -84,6 +84,23 @@ def test_export_video_from_a_run(tmp_path):
     assert frames.shape[0] == 3 and frames.shape[1:3] == (16, 16)
 
 
+def test_export_of_an_empty_surface_says_so_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    tiny_dmtet = [
+        "trainer.steps=2", "representation.grid_resolution=16", "representation.init_sphere_radius=0", "trainer.eval_views=2",
+        "trainer.video_frames=2", "trainer.video_resolution=16", "trainer.resolution=16", "trainer.eval_resolution=16",
+    ]
+    # sdf = 0 - |x| < 0 everywhere: no surface. The run itself finishes and says why it wrote no mesh.
+    code, _, err = run("generate", "x", "--recipe", "oracle-dmtet", "--reference", "default", "--out", str(out), "--quiet", *sets(tiny_dmtet))
+    assert code == 0, err
+    assert "no mesh exported" in err and "nothing to export" in err
+    before = sorted(p.name for p in out.iterdir())
+    for fmt in ("glb", "obj", "ply"):
+        code, stdout, err = run("export", str(out), "--format", fmt)
+        assert code == 2 and err.startswith("error:") and "nothing to export" in err and stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == before  # no mesh file, no temporaries
+
+
 def test_export_mesh_from_a_nerf_run(tmp_path):
     import trimesh
 
