@@ -18,6 +18,7 @@ BENCHMARKS = [
     ["bench_nerf_step.py"],
     ["bench_rasterizer.py"],
     ["bench_sds_step.py"],
+    ["bench_mesh_pipeline.py"],  # about 10 minutes: both coarse-to-fine demos, GLBs scored
 ]
 
 
