@@ -28,7 +28,7 @@ def face_normals(v, f):
 def test_tet_grid_counts_orientation_and_cover(n):
     v, t = tg.tet_grid(n, radius=0.7, use_disk=False)
     assert v.shape == ((n + 1) ** 3, 3) and v.dtype == torch.float32
-    assert t.shape == (6 * n**3, 4) and t.dtype == torch.int64
+    assert t.shape == (6 * n**3, 4) and t.dtype == torch.int32
     assert v.min() == pytest.approx(-0.7) and v.max() == pytest.approx(0.7)
     vol = tg.tet_volumes(v.double(), t)
     assert (vol > 0).all()  # consistently (positively) oriented
@@ -56,7 +56,7 @@ def test_tet_grid_cache_memory_and_disk(tmp_path):
     assert v2 is v1 and t2 is t1  # memory cache hit
     tg.clear_memory_cache()
     v3, t3 = tg.tet_grid(5, cache_dir=tmp_path)  # from disk
-    assert torch.equal(v3, v1) and torch.equal(t3, t1) and t3.dtype == torch.int64
+    assert torch.equal(v3, v1) and torch.equal(t3, t1) and t3.dtype == torch.int32
     tg.clear_memory_cache()
     path.write_bytes(b"garbage")  # a corrupt file is regenerated, not an error
     v4, t4 = tg.tet_grid(5, cache_dir=tmp_path)

@@ -75,19 +75,19 @@ TRIANGLE_TABLE, NUM_TRIANGLES = _build_table()
 def marching_tets(positions: Tensor, sdf: Tensor, tets: Tensor) -> tuple[Tensor, Tensor]:
     """Surface of {sdf > 0} on a tetrahedral grid.
 
-    positions (V, 3) (possibly deformed) grid vertices, sdf (V,), tets (T, 4) int64 positively
-    oriented. Returns (vertices (M, 3), faces (F, 3) int64), differentiable w.r.t. positions and
+    positions (V, 3) (possibly deformed) grid vertices, sdf (V,), tets (T, 4) int32 or int64,
+    positively oriented. Returns (vertices (M, 3), faces (F, 3) int64), differentiable w.r.t. positions and
     sdf; (0, 3) / (0, 3) when no tetrahedron straddles the surface.
     """
     device = positions.device
     with torch.no_grad():
         occ = sdf.detach() > 0
         occ_t = occ[tets]  # (T, 4)
-        n_in = occ_t.sum(-1)
+        n_in = occ_t.sum(-1, dtype=torch.uint8)  # 1 byte per tet: the full grid can be 100 M tets
         valid = (n_in > 0) & (n_in < 4)
         if not bool(valid.any()):
             return positions.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64, device=device)
-        vt = tets[valid]  # (Tv, 4)
+        vt = tets[valid].long()  # (Tv, 4): only the straddling tets are widened (keys below need int64)
         edges = vt[:, TET_EDGES.to(device)]  # (Tv, 6, 2)
         edges = torch.sort(edges, dim=-1).values
         crossing = occ[edges[..., 0]] != occ[edges[..., 1]]  # (Tv, 6)
