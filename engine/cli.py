@@ -199,13 +199,16 @@ def generate(
             data["init_from"] = str(init_from)
         _apply_generate_options(data, model, perp_neg)
 
+    overrides = list(set_)
     if staged:
-        # A staged recipe lists {name, recipe} stages run in order, each seeded from the last.
+        # A staged recipe lists {name, recipe, set} stages run in order, each seeded from the last;
+        # a stage's own `set` overrides come first, so the user's --set still wins.
         stages = [(str(st["name"]), str(st["recipe"])) for st in staged]
+        overrides = [f"{st['name']}:{text}" for st in staged for text in st.get("set", [])] + overrides
     else:
         stages = [("main", str(path))]
     first = stages[0][0]
-    _run_stages(stages, out or _default_out(path.stem), set_, prepare, quiet)
+    _run_stages(stages, out or _default_out(path.stem), overrides, prepare, quiet)
 
 
 @app.command()
@@ -236,34 +239,33 @@ MESH_FORMATS = ("obj", "glb", "ply")
 def export(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     format: str = typer.Option("glb", "--format", help="glb | obj | ply (textured mesh) or mp4 | gif (turntable)."),
-    resolution: Optional[int] = typer.Option(None, help="Mesh: marching-cubes grid (default 128). Video: frame size (default: the recipe's)."),
+    resolution: Optional[int] = typer.Option(None, help="Mesh: marching-cubes grid. Video: frame size. Default: the recipe's (trainer.export_resolution / video_resolution)."),
     decimate: Optional[int] = typer.Option(None, help="Mesh: reduce to about this many faces."),
-    texture_size: int = typer.Option(1024, help="Mesh: baked albedo texture size."),
+    texture_size: Optional[int] = typer.Option(None, help="Mesh: baked albedo texture size (default: the recipe's trainer.export_texture_size)."),
     frames: Optional[int] = typer.Option(None, help="Video: turntable frames (default: the recipe's)."),
     out: Optional[Path] = typer.Option(None, help="Output file (default: RUN_DIR/mesh.<format> or RUN_DIR/turntable.<format>)."),
 ):
     """Export a run: a textured mesh (GLB, OBJ+MTL+PNG, PLY with vertex colours) or a turntable video."""
-    from distill3d.engine.trainer import Trainer
+    from distill3d.engine.trainer import load_run
 
     fmt = format.lower()
     if fmt not in VIDEO_FORMATS + MESH_FORMATS:
         raise UserError(f"unknown export format {format!r}; available: {', '.join(MESH_FORMATS + VIDEO_FORMATS)}")
-    trainer = Trainer.resume(run_dir, quiet=True)
-    if trainer.start_step == 0:
-        raise UserError(f"{run_dir} has no checkpoint yet; nothing to export")
-    representation = trainer.representation.eval()
+    # Only the representation: exporting never needs the run's diffusion model.
+    recipe, representation = load_run(run_dir, purpose="export")
+    tc = recipe.trainer
     if fmt in VIDEO_FORMATS:
+        from distill3d.engine.cameras import CameraSampler
         from distill3d.engine.video import render_turntable, write_video
 
-        tc = trainer.recipe.trainer
-        images = render_turntable(representation, trainer.sampler, frames or tc.video_frames, resolution or tc.video_resolution)
+        images = render_turntable(representation, CameraSampler(recipe.cameras), frames or tc.video_frames, resolution or tc.video_resolution)
         path = out or Path(run_dir) / f"turntable.{fmt}"
         write_video(images, path, tc.video_fps)
         typer.echo(str(path))
         return
     from distill3d.representations.mesh.mesh_io import save_mesh
 
-    mesh, info = representation.export_mesh(resolution or 128, decimate, texture_size)
+    mesh, info = representation.export_mesh(resolution or tc.export_resolution, decimate, texture_size or tc.export_texture_size)
     written = save_mesh(mesh, out or Path(run_dir) / f"mesh.{fmt}")
     typer.echo(
         f"{info.faces_final} faces (marching cubes {info.faces_marching_cubes}, threshold {info.threshold:.3g}), "

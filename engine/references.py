@@ -26,13 +26,9 @@ def load_reference(path: str | Path):
     if not path.exists():
         raise UserError(f"reference file {path} does not exist")
     if suffix in MESH_SUFFIXES:
-        from distill3d.representations.mesh.mesh_io import MeshLoadError
         from distill3d.representations.mesh.render import MeshReference
 
-        try:
-            return MeshReference.from_file(path)
-        except MeshLoadError as exc:
-            raise UserError(str(exc)) from exc
+        return MeshReference.from_file(path)  # MeshLoadError is a UserError: the CLI prints it as is
     raise UserError(
         f"{path}: unsupported reference type {suffix!r}; use a scene file ({', '.join(SCENE_SUFFIXES)}) "
         f"or a mesh ({', '.join(MESH_SUFFIXES)})"

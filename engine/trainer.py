@@ -48,22 +48,27 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def load_run_representation(run_dir: Path):
-    """The representation of a run at its latest checkpoint, without building its guidance
-    (no diffusion model is loaded just to read a NeRF)."""
+def load_run(run_dir: Path, purpose: str = "--init-from"):
+    """(recipe, representation at the latest checkpoint) of a finished run, without building its
+    guidance: no diffusion model is loaded just to read a NeRF. `purpose` starts the error messages."""
     config_path = Path(run_dir) / "config.yaml"
     if not config_path.exists():
-        raise UserError(f"--init-from {run_dir}: not a run directory (no config.yaml)")
+        raise UserError(f"{purpose} {run_dir}: not a run directory (no config.yaml)")
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
     if ckpt is None:
-        raise UserError(f"--init-from {run_dir}: the run has no checkpoint yet")
+        raise UserError(f"{purpose} {run_dir}: the run has no checkpoint yet")
     recipe = resolve_recipe(yaml.safe_load(config_path.read_text()))
     ctx = BuildContext(device=pick_device(recipe.trainer.device), total_steps=recipe.trainer.steps)
     representation = build_plugin("representation", recipe.representation, ctx, "representation")
     state = load_checkpoint(ckpt, ctx.device)
     representation.load_state_dict(state["representation"])
     representation.load_extra_state(state.get("representation_extra", {}))
-    return representation.eval()
+    return recipe, representation.eval()
+
+
+def load_run_representation(run_dir: Path):
+    """The representation of a run at its latest checkpoint (see load_run)."""
+    return load_run(run_dir)[1]
 
 
 @dataclass

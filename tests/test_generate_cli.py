@@ -86,6 +86,7 @@ def test_magic3d_two_stages_with_tiny_stable_diffusion(tiny_sd, tmp_path):
                        *sum((["--set", s] for s in sets), []))
     assert code == 0, err
     assert (out / "coarse" / "checkpoints" / "step_0000003.pt").exists()
+    assert not (out / "coarse" / "mesh.glb").exists()  # the stage's own `set: [trainer.export=[]]`
     refine = (out / "refine" / "config.yaml").read_text()
     assert "dmtet" in refine and str(out / "coarse") in refine and "a cat" in refine and str(tiny_sd) in refine
     assert len(trimesh.load(out / "refine" / "mesh.glb", force="mesh").faces) > 0

@@ -264,7 +264,8 @@ def extract_surface(
     if not vmax > thr:
         raise EmptySurfaceError(f"empty surface: no density above the threshold {thr:.4g} (max density {vmax:.4g}); nothing to export")
     if solid:
-        cavity = fill_cavities(grid > thr, DEFAULT_CLOSE_GAPS) & ~(grid > thr)
+        above = grid > thr
+        cavity = fill_cavities(above, DEFAULT_CLOSE_GAPS) & ~above
         grid = grid.masked_fill(cavity, vmax)
     b = _bounds_tensor(bounds, grid.device)
     if pad:

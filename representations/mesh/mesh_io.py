@@ -100,15 +100,12 @@ def vertex_normals(vertices: Tensor, faces: Tensor) -> Tensor:
     return torch.nn.functional.normalize(n, dim=-1)
 
 
-def sample_surface(vertices: Tensor, faces: Tensor, n: int, generator: torch.Generator | None = None, area_weighted: bool = True) -> Tensor:
+def sample_surface(vertices: Tensor, faces: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
     """n points (n, 3) uniformly over a triangle mesh's surface: faces picked in proportion to
-    their area (or uniformly), barycentrics uniform over each triangle."""
+    their area, barycentrics uniform over each triangle."""
     tri = vertices[faces.long()]
-    if area_weighted:
-        area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=-1)
-        pick = torch.multinomial(area.float().cpu(), n, replacement=True, generator=generator).to(tri.device)
-    else:
-        pick = torch.randint(0, tri.shape[0], (n,), generator=generator).to(tri.device)
+    area = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=-1)
+    pick = torch.multinomial(area.float().cpu(), n, replacement=True, generator=generator).to(tri.device)
     u, v = torch.rand(2, n, generator=generator).to(tri)
     flip = u + v > 1
     u, v = torch.where(flip, 1 - u, u), torch.where(flip, 1 - v, v)
