@@ -23,6 +23,12 @@ from distill3d.representations.mesh.cleanup import decimate, decimation_method, 
 from distill3d.representations.mesh.marching_cubes import EmptySurfaceError, extract_surface
 from distill3d.representations.mesh.mesh_io import Mesh, vertex_normals
 from distill3d.representations.mesh.rasterizer import interpolate, rasterize
+from distill3d.representations.mesh.smoothing import taubin_smooth
+
+# Taubin lambda|mu iterations applied to isosurface exports (marching cubes / tets; measured in
+# benchmarks/bench_mesh_pipeline.py). textured_mesh() itself defaults to none: a mesh that is not an
+# isosurface (a few large faces) is not to be smoothed.
+DEFAULT_SMOOTHING_ITERATIONS = 0
 
 __all__ = [
     "ColorField",
@@ -168,6 +174,7 @@ def mesh_from_fields(
     uv_padding: int = 2,
     vertex_colors: bool = True,
     chunk_size: int = 1 << 16,
+    smoothing: int = DEFAULT_SMOOTHING_ITERATIONS,
 ) -> tuple[Mesh, ExportInfo]:
     """Density + colour fields -> a textured, cleaned mesh ready for `save_mesh`.
 
@@ -198,14 +205,18 @@ def textured_mesh(
     vertex_colors: bool = True,
     chunk_size: int = 1 << 16,
     extras: dict | None = None,
+    smoothing: int = 0,
 ) -> tuple[Mesh, ExportInfo]:
     """An extracted surface (from marching cubes or marching tets) -> the exported mesh: small
-    components removed, optional decimation, normals, xatlas unwrap, baked albedo, vertex colours."""
+    components removed, Taubin smoothing (`smoothing` lambda|mu iterations, 0 = off; smoothing.py),
+    optional decimation, normals, xatlas unwrap, baked albedo, vertex colours."""
     n_extracted = int(faces.shape[0])
     if n_extracted == 0:
         raise EmptySurfaceError("the surface is empty; nothing to export")
     mesh = remove_small_components(Mesh(verts.float().contiguous(), faces), min_fraction=min_component_fraction)
     n_clean = mesh.num_faces
+    if smoothing > 0:
+        mesh = Mesh(taubin_smooth(mesh.vertices, mesh.faces, smoothing), mesh.faces)
     method = None
     if target_faces is not None and mesh.num_faces > target_faces:
         method = decimation_method() if decimation == "auto" else decimation
@@ -227,6 +238,6 @@ def textured_mesh(
         decimation=method,
         texture_size=int(texture_size),
         texel_coverage=float(covered.float().mean()),
-        extras=dict(extras or {}),
+        extras={**(extras or {}), "smoothing_iterations": int(smoothing)},
     )
     return mesh, info
