@@ -301,6 +301,10 @@ class Trainer:
                 return result
             for fmt in tc.export:
                 save_mesh(mesh, self.run_dir / f"mesh.{fmt}")
+            if self.ctx.reference is not None:  # the exported surface scored too: eval.json "mesh"
+                from distill3d.engine.evaluation import add_mesh_evaluation
+
+                result = add_mesh_evaluation(self.run_dir, mesh, self.ctx.reference, self.sampler, tc.eval_views, tc.eval_resolution)
         return result
 
 
