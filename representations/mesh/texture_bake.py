@@ -179,7 +179,7 @@ def mesh_from_fields(
     """Density + colour fields -> a textured, cleaned mesh ready for `save_mesh`.
 
     Marching cubes on a resolution^3 grid over bounds at `threshold` ("auto": mean positive
-    density), small components removed, optional decimation to target_faces, area-weighted vertex
+    density), small components removed, Taubin smoothing (`smoothing` iterations), optional decimation to target_faces, area-weighted vertex
     normals, xatlas unwrap, albedo baked at texture_size^2 with seams filled, and (optionally)
     vertex colours from the colour field at the vertices (what the PLY export uses).
     Raises EmptySurfaceError, before anything is written anywhere, when nothing is above the
@@ -189,6 +189,7 @@ def mesh_from_fields(
     return textured_mesh(
         verts, faces, color_fn, threshold=thr, min_component_fraction=min_component_fraction, target_faces=target_faces,
         decimation=decimation, texture_size=texture_size, uv_padding=uv_padding, vertex_colors=vertex_colors, chunk_size=chunk_size,
+        smoothing=smoothing,
     )
 
 
