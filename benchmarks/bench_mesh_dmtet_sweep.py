@@ -129,7 +129,7 @@ def run_dmtet(seed_run, out: Path, overrides: list[str], steps: int | None) -> f
     trainer = Trainer.create(resolve_recipe(data), out, quiet=True)
     if isinstance(seed_run, ProxySeed):
         trainer.representation.initialize_from(seed_run)
-    trainer.run()
+    trainer.fit()
     return time.perf_counter() - start
 
 

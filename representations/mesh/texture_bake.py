@@ -28,7 +28,7 @@ from distill3d.representations.mesh.smoothing import taubin_smooth
 # Taubin lambda|mu iterations applied to isosurface exports (marching cubes / tets; measured in
 # benchmarks/bench_mesh_pipeline.py). textured_mesh() itself defaults to none: a mesh that is not an
 # isosurface (a few large faces) is not to be smoothed.
-DEFAULT_SMOOTHING_ITERATIONS = 0
+DEFAULT_SMOOTHING_ITERATIONS = 10
 
 __all__ = [
     "ColorField",
