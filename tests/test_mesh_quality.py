@@ -85,3 +85,21 @@ def test_taubin_smoothing_removes_noise_and_keeps_the_volume():
     assert after["chamfer_l1_over_diagonal"] <= before["chamfer_l1_over_diagonal"] * 1.05
     assert math.isclose(_volume(smoothed, f), _volume(v, f), rel_tol=0.01)
     assert torch.equal(taubin_smooth(v, f, iterations=0), v)
+
+
+def test_add_mesh_evaluation_writes_mesh_metrics_into_eval_json(tmp_path):
+    import json
+
+    from distill3d.engine.cameras import CameraSampler, CameraSamplerConfig
+    from distill3d.engine.evaluation import add_mesh_evaluation
+
+    scene = load_scene(DEFAULT_SCENE)
+    v, f = _scene_mesh(scene, 48)
+    mesh = Mesh(v, f, vertex_colors=torch.full_like(v, 0.5))
+    (tmp_path / "eval.json").write_text(json.dumps({"psnr": 30.0}))
+    add_mesh_evaluation(tmp_path, mesh, DEFAULT_SCENE, CameraSampler(CameraSamplerConfig()), 2, 32)
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["psnr"] == 30.0  # the representation's own figures are kept
+    m = data["mesh"]
+    assert m["faces"] == f.shape[0] and m["mask_iou"] > 0.8
+    assert 0 < m["normal_error_median_deg"] < 10 and m["chamfer_l1_over_diagonal"] < 0.02
