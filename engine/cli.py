@@ -112,17 +112,22 @@ def _run_pipeline(pipeline, out: Path, quiet: bool, init_from: Optional[Path] = 
             typer.echo(f"mesh: {final / f'mesh.{fmt}'}", err=True)
 
 
+DEMO_STAGES = {
+    "nerf": "oracle-nerf", "nerf,dmtet": "oracle-nerf-dmtet",
+    "gaussians": "oracle-gaussians", "gaussians,mesh": "oracle-gaussians-mesh",
+}
+IMAGE_TO_3D_STAGES = {"nerf": "oracle-zero123", "gaussians": "oracle-zero123-gaussians"}
+
+
 def _demo_recipe(stages: str, image_to_3d: bool) -> str:
+    """The shipped oracle recipe (or pipeline) that `demo --stages` names."""
     from distill3d.engine.recipe import available_recipes
 
-    names = [s.strip() for s in stages.split(",") if s.strip()]
-    base = "oracle-zero123" if image_to_3d else "oracle"
-    recipe = "-".join([base, *names]) if not (image_to_3d and names == ["nerf"]) else base
-    shipped = available_recipes()
-    if recipe not in shipped:
-        options = sorted(r[len("oracle-"):].replace("-", ",") for r in shipped if r.startswith("oracle-") and "zero123" not in r)
-        raise UserError(f"--stages {stages!r}{' with --image-to-3d' if image_to_3d else ''}: no shipped recipe {recipe!r}; stages available: {'; '.join(options)}")
-    return recipe
+    key = ",".join(s.strip() for s in stages.split(",") if s.strip())
+    table = {k: v for k, v in (IMAGE_TO_3D_STAGES if image_to_3d else DEMO_STAGES).items() if v in available_recipes()}
+    if key not in table:
+        raise UserError(f"--stages {stages!r}{' with --image-to-3d' if image_to_3d else ''}: use one of {' | '.join(table)}")
+    return table[key]
 
 
 def _render_input_image(scene: Path, out: Path, recipe: str, elevation: float) -> Path:

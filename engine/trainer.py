@@ -417,8 +417,8 @@ class Trainer:
                 self._say(f"exporting {fmt} (surface grid {tc.export_resolution}, texture {tc.export_texture_size}) ...")
                 try:
                     exported += [str(p) for p in self.representation.export(fmt, self.run_dir / f"mesh.{fmt}", options)]
-                except EmptySurfaceError as exc:  # the run itself is fine: say so, write nothing
-                    self._say(f"no mesh exported: {exc}")
+                except EmptySurfaceError as exc:  # the run itself is fine: say so (even with --quiet), write nothing
+                    print(f"no mesh exported: {exc}", file=sys.stderr, flush=True)
                     break
                 self._say(f"exported {fmt} ({time.perf_counter() - t0:.1f} s)")
         status = {"state": "finished", "steps": tc.steps, "eval": None if result is None else {k: result[k] for k in ("psnr", "mask_iou")}, "exported": exported}

@@ -19,14 +19,8 @@ from distill3d.engine.recipe import load_recipe
 from distill3d.engine.schedules import Schedule
 from distill3d.engine.trainer import Trainer, load_run
 from tests.test_registry import fake_distribution
+from tests.test_trainer import TINY
 
-TINY = [
-    "trainer.resolution=16", "trainer.eval_resolution=16", "trainer.eval_views=2",
-    "trainer.video_frames=2", "trainer.video_resolution=16", "trainer.log_every=1",
-    "representation.levels=4", "representation.log2_table_size=12", "representation.max_resolution=64",
-    "representation.samples_per_ray=16", "representation.occupancy.warmup_steps=4", "representation.occupancy.update_every=4",
-    "representation.occupancy.resolution=16",
-]
 
 GROWING = textwrap.dedent(
     '''
