@@ -200,7 +200,19 @@ def build_plugin(kind: str, spec: Any, ctx: Any, path: str) -> Any:
 
 
 def _type_text(tp: Any) -> str:
-    if isinstance(tp, type):
+    """A type as a user reads it: 'float | dict | None', "one of 'a', 'b'"."""
+    import types
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _type_text(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not args:
         return tp.__name__
     return str(tp).replace("typing.", "").replace("NoneType", "None")
 
