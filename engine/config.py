@@ -243,6 +243,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
+    validate_text(raw, key)
     try:
         value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
