@@ -5,10 +5,6 @@ and a plugin rejecting its settings is a user error."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -132,22 +128,24 @@ def test_nested_plugin_errors_pass_through_unchanged():
     assert "prior: noise_std must be >= 0" in str(info.value) and "rejected its settings" not in str(info.value)
 
 
-def run_cli(*args, extra_path: Path | None = None):
-    env = dict(os.environ)
-    if extra_path is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(extra_path), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "distill3d.engine.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+def run_cli(*args):
+    """The CLI in this process (entry points on the test's sys.path are seen, no re-import)."""
+    from typer.testing import CliRunner
+
+    from distill3d.engine.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
 
 
 def test_plugins_command_lists_everything_and_exits_nonzero_on_failures(author_dist):
-    proc = run_cli("plugins", extra_path=author_dist)
-    assert proc.returncode == 1, proc.stderr
-    out = proc.stdout
+    code, out, err = run_cli("plugins")
+    assert code == 1, err
     # The plugin calling sys.exit at import neither ends the listing nor hides the rest.
     assert "exits" in out and "SystemExit" in out
     assert "[ok]" in out and "picky" in out and "sds" in out and "oracle" in out
     assert out.count("FAILED") == 7
-    assert "7 plugin(s) FAILED" in proc.stderr and "Traceback" not in proc.stderr
+    assert "7 plugin(s) FAILED" in err and "Traceback" not in err
 
 
 def test_plugins_show_prints_settings_with_defaults():
@@ -158,7 +156,7 @@ def test_plugins_show_prints_settings_with_defaults():
     assert "  timesteps: TimestepConfig" in text and "    t_max: float = 0.98  (min 0.0, max 1.0)" in text  # nested, expanded
     assert "schedule: one of 'fixed', 'linear', 'sqrt', 'deterministic' = 'fixed'" in text
     assert "grad_clip: float | int | dict | None = None" in text
-    proc = run_cli("plugins", "--show", "nerf")
-    assert proc.returncode == 0 and "log2_table_size: int = 19" in proc.stdout and "  occupancy: OccupancyConfig" in proc.stdout
-    proc = run_cli("plugins", "--show", "nope")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: no plugin named 'nope'; registered: ") and "sds" in proc.stderr
+    code, out, _ = run_cli("plugins", "--show", "nerf")
+    assert code == 0 and "log2_table_size: int = 19" in out and "  occupancy: OccupancyConfig" in out
+    code, _, err = run_cli("plugins", "--show", "nope")
+    assert code == 2 and err.startswith("error: no plugin named 'nope'; registered: ") and "sds" in err
