@@ -309,6 +309,21 @@ def plugins(
             failed += problem is not None
             status = "ok" if problem is None else f"FAILED: {problem}"
             typer.echo(f"  {info.name:20s} {info.distribution:20s} {info.value}  [{status}]")
+    from importlib.metadata import entry_points
+
+    from distill3d.engine.config import ConfigError
+    from distill3d.guidance.timesteps import WEIGHTING_GROUP, get_weighting
+
+    typer.echo(f"SDS weighting ({WEIGHTING_GROUP}):")
+    for ep in sorted({(ep.name, ep.value): ep for ep in entry_points(group=WEIGHTING_GROUP)}.values(), key=lambda e: e.name):
+        try:
+            get_weighting(ep.name)
+            status = "ok"
+        except ConfigError as exc:
+            failed += 1
+            status = f"FAILED: {exc}"
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
+        typer.echo(f"  {ep.name:20s} {dist:20s} {ep.value}  [{status}]")
     if failed:
         typer.secho(f"error: {failed} plugin(s) FAILED to load (see above)", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)

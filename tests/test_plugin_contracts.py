@@ -102,3 +102,56 @@ def test_a_guidance_without_gradient_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(ReferenceViewGuidance, "forward", lambda self, out, cams, step: {k: v.detach() for k, v in original(self, out, cams, step).items()})
     with pytest.raises(ContractError, match="guidance 'reference', gradients"):
         check_guidance("reference", SETTINGS["guidance:reference"], tmp_path)
+
+
+RESIZABLE = '''
+from dataclasses import dataclass
+import torch
+from torch import nn
+from distill3d.engine.interfaces import Representation, RenderOutput
+
+@dataclass
+class Cfg:
+    points: int = 5
+
+class Points(Representation):
+    """A toy representation whose parameter count changes (as Gaussians do when densified)."""
+    Config = Cfg
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        self.colors = nn.Parameter(torch.randn(config.points, 3))
+
+    def resizable_parameters(self):
+        return ["colors"]
+
+    def load_state_dict(self, state, strict=True):
+        self.colors = nn.Parameter(torch.empty_like(state["colors"]))  # take the stored row count
+        return super().load_state_dict(state, strict)
+
+    def render(self, cameras, settings):
+        b, h, w = len(cameras), settings.height, settings.width
+        rgb = torch.sigmoid(self.colors).mean(0).expand(b, h, w, 3)
+        one = torch.ones(b, h, w, 1)
+        return RenderOutput(rgb=rgb, opacity=one * 0.5, depth=one * 3, background=torch.ones(b, h, w, 3))
+
+class FixedPoints(Points):
+    """Declares resizable parameters but cannot load another row count."""
+    def load_state_dict(self, state, strict=True):
+        return Representation.load_state_dict(self, state, strict)
+'''
+
+
+def test_changed_parameter_counts_round_trip_or_are_caught(tmp_path, monkeypatch):
+    import importlib
+
+    (tmp_path / "toy_points.py").write_text(RESIZABLE)
+    info = tmp_path / "toy_points-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-points\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[distill3d.representations]\npoints = toy_points:Points\nfixed-points = toy_points:FixedPoints\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    check_representation("points", {}, tmp_path, resume=False)  # a regrown state (6 rows) loads into a fresh 5-row one
+    with pytest.raises(ContractError, match=r"(?s)representation .fixed-points., checkpoint round trip: RuntimeError: .*size mismatch for colors"):
+        check_representation("fixed-points", {}, tmp_path, resume=False)
