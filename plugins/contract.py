@@ -53,7 +53,7 @@ def _context(tmp: Path | None = None, **overrides) -> BuildContext:
     from distill3d.engine.reference_scene import DEFAULT_SCENE
 
     values = dict(device=torch.device("cpu"), seed=0, total_steps=8, prompt="a photo of a cat",
-                  negative_prompt="", run_dir=tmp, cache_dir=(tmp / "cache") if tmp else None, reference=DEFAULT_SCENE)
+                  negative_prompt="", run_dir=tmp, cache_dir=(tmp / "cache") if tmp else None, scene=DEFAULT_SCENE)
     values.update(overrides)
     return BuildContext(**values)
 

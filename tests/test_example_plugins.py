@@ -58,7 +58,7 @@ def test_example_representation_learns_the_oracle_scene(examples):
     from distill3d.engine.reference_scene import DEFAULT_SCENE
     from distill3d.engine.trainer import Trainer
 
-    recipe = load_recipe("oracle-nerf", [f"reference={DEFAULT_SCENE}",
+    recipe = load_recipe("oracle-nerf", [f"scene={DEFAULT_SCENE}",
         "trainer.steps=40", "trainer.resolution=24", "trainer.eval_views=2", "trainer.eval_resolution=24",
         "trainer.video_frames=2", "trainer.video_resolution=16", "trainer.export=[]", "trainer.checkpoint_every=100",
         "guidance.0.prior.image_size=24", "representation={name: voxel-grid, resolution: 16, samples_per_ray: 24, lr: 0.3}",

@@ -104,7 +104,7 @@ def test_perp_neg_checks_a_built_prior_too(monkeypatch):
         def view_conditions(self, cameras):
             raise AssertionError
 
-    monkeypatch.setattr(sds_module, "build_plugin", lambda kind, spec, ctx, path: ViewPrior())
+    monkeypatch.setattr(sds_module, "build_prior", lambda ctx, spec, path: ViewPrior())
     with pytest.raises(ConfigError, match="view_dependent_prompts is false"):
         PerpNegSDSGuidance(PerpNegSDSConfig(prior="shared-sd"), BuildContext())
 

@@ -122,12 +122,8 @@ class Points(Representation):
         super().__init__(config, ctx)
         self.colors = nn.Parameter(torch.randn(config.points, 3))
 
-    def resizable_parameters(self):
+    def resizable_parameters(self):  # the base class re-creates them with the stored shapes
         return ["colors"]
-
-    def load_state_dict(self, state, strict=True):
-        self.colors = nn.Parameter(torch.empty_like(state["colors"]))  # take the stored row count
-        return super().load_state_dict(state, strict)
 
     def render(self, cameras, settings):
         b, h, w = len(cameras), settings.height, settings.width
@@ -136,9 +132,9 @@ class Points(Representation):
         return RenderOutput(rgb=rgb, opacity=one * 0.5, depth=one * 3, background=torch.ones(b, h, w, 3))
 
 class FixedPoints(Points):
-    """Declares resizable parameters but cannot load another row count."""
-    def load_state_dict(self, state, strict=True):
-        return Representation.load_state_dict(self, state, strict)
+    """Overrides load_state_dict and so loses the base class's resizing: cannot load another row count."""
+    def load_state_dict(self, state, strict=True, assign=False):
+        return nn.Module.load_state_dict(self, state, strict)
 '''
 
 
