@@ -256,10 +256,10 @@ def show_plugin(name: str) -> list[str]:
         if name not in registry.names():
             continue
         cls = registry.get(name)
-        doc = (cls.__doc__ or "").strip().splitlines()
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph
         block = [registry.describe(name)]
-        if doc:
-            block.append(f"  {doc[0]}")
+        if summary:
+            block.append(f"  {summary}")
         block.append(f"settings ({cls.Config.__name__}; recipe: {{name: {name}, key: value, ...}}):")
         block.extend(describe_settings(cls.Config))
         blocks.append(block)
