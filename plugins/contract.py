@@ -97,12 +97,37 @@ def _check_render(name: str, out: Any, batch: int, size: int) -> None:
 
 def _grow_resizable(representation, state: dict) -> dict:
     """A state whose resizable parameters have one row more (row 0 repeated), as after densifying."""
-    names = list(getattr(representation, "resizable_parameters", lambda: [])())
     grown = dict(state)
-    for key in names:
+    for key in representation.resizable_parameters():
         if key in grown:
             grown[key] = torch.cat([grown[key], grown[key][:1]])
     return grown
+
+
+def _seeded_render(rep, cams, settings) -> RenderOutput:
+    """A render with the RNG fixed (random backgrounds, light jitter draw the same numbers)."""
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(2)
+        return rep.render(cams, settings)
+
+
+def _load_fresh(name: str, spec: dict, tmp: Path | None, checkpoint: dict):
+    """A new instance (another seed) loaded from `checkpoint` after a weights_only round trip;
+    its parameter shapes must be the stored ones."""
+    torch.manual_seed(1)
+    fresh = build_plugin("representation", spec, _context(tmp), "representation").eval()
+    saved = _roundtrip(checkpoint)
+    try:
+        fresh.load_state_dict(saved["state"])
+        fresh.load_extra_state(saved["extra"])
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
+        _fail("representation", name, "checkpoint round trip", f"{type(exc).__name__}: {exc}")
+    stored = {k: tuple(v.shape) for k, v in saved["state"].items()}
+    now = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if stored != now:
+        changed = [k for k in stored if stored[k] != now.get(k)]
+        _fail("representation", name, "checkpoint round trip", f"parameter shapes not restored: {changed[:5]}")
+    return fresh
 
 
 def check_representation(name: str, settings: dict | None = None, tmp: Path | None = None, size: int = 16,
@@ -134,34 +159,16 @@ def check_representation(name: str, settings: dict | None = None, tmp: Path | No
     if not all(torch.isfinite(g).all() for g in grads):
         _fail(kind, name, "gradients", "a parameter gradient has NaN or inf values")
 
-    # Checkpoint round trip into a fresh instance (other seed), resizable parameters regrown.
+    # Checkpoint round trip into a fresh instance (built with another seed): it renders the same.
     rep.eval()
-    for state_of in (lambda r: r.state_dict(), lambda r: _grow_resizable(r, r.state_dict())):
-        torch.manual_seed(1)
-        fresh = build_plugin(kind, spec, _context(tmp), kind).eval()
-        saved = _roundtrip({"state": state_of(rep), "extra": rep.extra_state()})
-        try:
-            fresh.load_state_dict(saved["state"])
-            fresh.load_extra_state(saved["extra"])
-        except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
-            _fail(kind, name, "checkpoint round trip", f"{type(exc).__name__}: {exc}")
-        shapes = {k: tuple(v.shape) for k, v in saved["state"].items()}
-        now = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-        if shapes != now:
-            changed = [k for k in shapes if shapes[k] != now.get(k)]
-            _fail(kind, name, "checkpoint round trip", f"parameter shapes not restored: {changed[:5]}")
-    with torch.no_grad():
-        settings_eval = RenderSettings(size, size, training=False)
-        a = rep.render(cams, settings_eval)
-        torch.manual_seed(1)
-        fresh = build_plugin(kind, spec, _context(tmp), kind).eval()
-        saved = _roundtrip({"state": rep.state_dict(), "extra": rep.extra_state()})
-        fresh.load_state_dict(saved["state"])
-        fresh.load_extra_state(saved["extra"])
-        b = fresh.render(cams, settings_eval)
+    fresh = _load_fresh(name, spec, tmp, {"state": rep.state_dict(), "extra": rep.extra_state()})
+    a, b = (_seeded_render(r, cams, RenderSettings(size, size, training=False)) for r in (rep, fresh))
     if not (torch.equal(a.rgb, b.rgb) and torch.equal(a.opacity, b.opacity)):
         _fail(kind, name, "checkpoint round trip", "a reloaded copy renders differently "
               f"(max rgb difference {float((a.rgb - b.rgb).abs().max()):.3g}): is some state outside state_dict/extra_state?")
+    # Changed parameter counts: resizable parameters one row longer load into a default-sized instance.
+    if rep.resizable_parameters():
+        _load_fresh(name, spec, tmp, {"state": _grow_resizable(rep, rep.state_dict()), "extra": rep.extra_state()})
 
     if resume:
         if tmp is None:
