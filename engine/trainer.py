@@ -328,6 +328,8 @@ class Trainer:
                 f"Lower the learning rate (`distill3d resume {self.run_dir} --set trainer.lr_scale=0.5`) or the guidance scale and resume."
             )
         self.optimizer.zero_grad(set_to_none=True)
+        if not total.requires_grad:  # e.g. every ray missed the object: nothing to learn this step
+            return {"loss": float(total.detach()), "resolution": res, "skipped": 1.0, **self.representation.stats()}
         self.scaler.scale(total).backward()
         if self.use_amp:
             self.scaler.unscale_(self.optimizer)

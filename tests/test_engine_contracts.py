@@ -285,3 +285,28 @@ def test_new_run_refuses_a_folder_holding_another_run(tmp_path):
     (out / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="already holds a run"):
         Trainer.create(load_recipe("oracle-nerf", TINY), out, quiet=True)
+
+
+def test_collapsed_occupancy_grid_keeps_training(tmp_path):
+    sets = [*TINY, "trainer.steps=3", "representation.occupancy.warmup_steps=0", "representation.occupancy.update_every=1", "representation.density_blob=none"]
+    trainer = Trainer.create(load_recipe("oracle-nerf", sets), tmp_path / "run", quiet=True)
+    with torch.no_grad():  # a field with no density anywhere: every cell below the threshold
+        for p in trainer.representation.density_net.parameters():
+            p.zero_()
+        trainer.representation.density_net[-1].bias.fill_(-200)  # softplus underflows to exactly 0
+    logged = trainer.train_step(0)
+    assert logged["occupied_fraction"] == 1.0 and "skipped" not in logged
+    assert trainer.representation.encoding.parameters().__next__().grad is not None
+
+
+def test_rays_with_no_samples_at_all_render_background_without_failing(tmp_path):
+    sets = [*TINY, "trainer.steps=3", "representation.occupancy.warmup_steps=0"]
+    trainer = Trainer.create(load_recipe("oracle-nerf", sets), tmp_path / "run", quiet=True)
+    occupancy = trainer.representation.occupancy
+    occupancy.initialized.fill_(True)
+    occupancy.occupied.fill_(False)  # every sample skipped
+    monkey = trainer.representation.update
+    trainer.representation.update = lambda step: None
+    logged = trainer.train_step(0)
+    trainer.representation.update = monkey
+    assert logged["occupied_fraction"] == 0.0 and logged["loss"] == logged["loss"]
