@@ -406,17 +406,43 @@ def recipes():
 
 @app.command()
 @friendly_errors
-def plugins():
-    """List registered plugins, the distribution providing each, and whether it loads."""
-    from distill3d.plugins.registry import GROUPS, Registry
+def plugins(
+    show: Optional[str] = typer.Option(None, "--show", metavar="NAME", help="Print one plugin's settings: every config key with its type and default."),
+):
+    """List registered plugins, the distribution providing each, and whether it loads (exit 1 if any fails)."""
+    from distill3d.plugins.registry import GROUPS, Registry, show_plugin
 
+    if show is not None:
+        for line in show_plugin(show):
+            typer.echo(line)
+        return
+    failed = 0
     for kind, group in GROUPS.items():
         typer.echo(f"{kind} ({group}):")
         registry = Registry(kind)
         for info in registry.infos():
             problem = registry.check(info.name)
+            failed += problem is not None
             status = "ok" if problem is None else f"FAILED: {problem}"
             typer.echo(f"  {info.name:20s} {info.distribution:20s} {info.value}  [{status}]")
+    from importlib.metadata import entry_points
+
+    from distill3d.engine.config import ConfigError
+    from distill3d.guidance.timesteps import WEIGHTING_GROUP, get_weighting
+
+    typer.echo(f"SDS weighting ({WEIGHTING_GROUP}):")
+    for ep in sorted({(ep.name, ep.value): ep for ep in entry_points(group=WEIGHTING_GROUP)}.values(), key=lambda e: e.name):
+        try:
+            get_weighting(ep.name)
+            status = "ok"
+        except ConfigError as exc:
+            failed += 1
+            status = f"FAILED: {exc}"
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
+        typer.echo(f"  {ep.name:20s} {dist:20s} {ep.value}  [{status}]")
+    if failed:
+        typer.secho(f"error: {failed} plugin(s) FAILED to load (see above)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
