@@ -53,10 +53,10 @@ def friendly_errors(fn: Callable) -> Callable:
         except OSError as exc:  # disk full, read-only, permission, name too long: one clear line
             if debug:
                 raise
-            from distill3d.engine.trainer import os_error
+            from distill3d.engine.checkpoint import describe_os_error
 
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            _fail(f"{os_error(exc, 'a file operation failed' + where)}")
+            message = describe_os_error(exc)
+            _fail(message or _describe_unexpected(exc), 2 if message else 1)
         except Exception as exc:  # noqa: BLE001
             if debug:
                 raise
@@ -281,16 +281,16 @@ def generate(
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Text-to-3D or image-to-3D (or any recipe): optimise a 3D representation for PROMPT / --image."""
-    from distill3d.engine.config import load_yaml
+    from distill3d.engine.config import load_yaml, validate_prompt
     from distill3d.engine.pipeline import load_pipeline
     from distill3d.engine.recipe import recipe_path
 
     if prompt is not None:
-        check_text(prompt, "the prompt")
+        validate_prompt(prompt, "the prompt")
         if not prompt.strip():
             raise UserError("the prompt is empty; say what to make, e.g. distill3d generate \"a DSLR photo of a corgi\"")
     if negative is not None:
-        check_text(negative, "the negative prompt")
+        validate_prompt(negative, "the negative prompt")
     path = recipe_path(recipe)
     values: dict = {}
     if prompt is not None:
@@ -320,14 +320,6 @@ def generate(
     pipeline = load_pipeline(str(path), set_, values, shorthands)
     shorthands.check(recipe)
     _run_pipeline(pipeline, out or _default_out(path.stem), quiet, init_from)
-
-
-def check_text(text: str, what: str) -> None:
-    """Prompts arrive from a shell: undecodable bytes (surrogates) are a clear error."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise UserError(f"{what} is not valid UTF-8 text (byte {exc.object[exc.start:exc.end]!r} at position {exc.start}); check the terminal's encoding") from exc
 
 
 @app.command()

@@ -174,11 +174,12 @@ def test_bad_resume_set_is_refused_and_the_run_stays_usable(tmp_path):
     trainer = Trainer.create(load_recipe("oracle-nerf", [*TINY, "trainer.steps=4", "trainer.checkpoint_every=2"]), run, quiet=True)
     trainer.train_step(0)
     trainer.save(2)
+    trainer.close()
     config = (run / "config.yaml").read_text()
     with pytest.raises(UserError, match="do not fit the run's checkpoint"):
         Trainer.resume(run, ["representation.levels=6"], quiet=True)
     assert (run / "config.yaml").read_text() == config
-    assert Trainer.resume(run, quiet=True).start_step == 2
+    assert Trainer.resume(run, quiet=True).start_step == 2  # the refused resume left the run unlocked and usable
 
 
 def test_torn_metrics_line_is_skipped_on_resume(tmp_path):
