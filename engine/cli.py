@@ -332,6 +332,9 @@ def doctor():
         typer.echo(f"  {op:14s} -> {chosen:8s} ({others})")
 
 
+from distill3d.engine import cli_batch  # noqa: E402,F401 - registers `batch` and `report`
+
+
 def main() -> None:
     app()
 
