@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -389,12 +389,13 @@ def run_local(jobs: list[Job], state: BatchState) -> None:
             slot = slots.pop()
         try:
             state.mark_running(job.name)
-            return run_job(job, state.out / job.name, options.recipe, options.overrides, worker_env(slot, workers, gpus))
+            result = run_job(job, state.out / job.name, options.recipe, options.overrides, worker_env(slot, workers, gpus))
         except Exception as exc:  # noqa: BLE001 - a broken job is recorded, the batch goes on
-            return JobResult(job.name, "failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            with slot_lock:
-                slots.append(slot)
+            result = JobResult(job.name, "failed", error=f"{type(exc).__name__}: {exc}")
+        state.mark_result(result)  # before this worker takes the next job, so the counts add up
+        with slot_lock:
+            slots.append(slot)
+        return result
 
     todo = []
     for job in jobs:
@@ -403,8 +404,5 @@ def run_local(jobs: list[Job], state: BatchState) -> None:
         else:
             todo.append(job)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = {pool.submit(work, job) for job in todo}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                state.mark_result(future.result())
+        for future in [pool.submit(work, job) for job in todo]:
+            future.result()

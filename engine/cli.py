@@ -332,7 +332,8 @@ def doctor():
         typer.echo(f"  {op:14s} -> {chosen:8s} ({others})")
 
 
-from distill3d.engine import cli_batch  # noqa: E402,F401 - registers `batch` and `report`
+from distill3d.engine.cli_batch import register as register_batch_commands  # noqa: E402 - batch, report
+register_batch_commands(app, friendly_errors)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """`distill3d batch` and `distill3d report`: many runs at once, and the gallery page of their results.
 
-Registered on the main command line by one import in engine/cli.py.
+engine/cli.py adds them to its app with `register(app, friendly_errors)`; taking both as arguments
+keeps this module from importing cli (which `python -m distill3d.engine.cli` would load twice).
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
-from distill3d.engine.cli import app, friendly_errors
 from distill3d.engine.errors import UserError
 
 
@@ -65,19 +66,32 @@ def summary_table(jobs: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
-@app.command()
-@friendly_errors
+class _RayAddressOptional(TyperCommand):
+    """`--ray` may come without an address (then a local Ray): click options cannot have an
+    optional value, so a bare `--ray` gets the address "local" before parsing."""
+
+    def parse_args(self, ctx, args):
+        from distill3d.engine.batch_ray import LOCAL
+
+        fixed = []
+        for i, arg in enumerate(args):
+            fixed.append(arg)
+            if arg == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                fixed.append(LOCAL)
+        return super().parse_args(ctx, fixed)
+
+
 def batch(
     jobs: Path = typer.Argument(..., help="A text file (a prompt a line), a folder of images, or a YAML/JSONL list of jobs."),
     recipe: str = typer.Option(..., help="Recipe name (see `distill3d recipes`) or a .yaml path, for every job."),
     out: Path = typer.Option(..., help="Batch directory: one run directory per job, summary.json and index.html."),
     workers: int = typer.Option(1, help="Jobs at a time (locally one per GPU where there are GPUs; with a local Ray, its CPU slots)."),
     ray: Optional[str] = typer.Option(
-        None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+        None, "--ray", metavar="[ADDRESS]",
         help="Run jobs as Ray tasks: --ray alone starts a local Ray, --ray HOST:PORT joins a cluster (OUT must be shared).",
     ),
     set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value for every job (repeatable); jobs add their own."),
-    report: bool = typer.Option(True, help="Write OUT/index.html (the gallery) as jobs finish."),
+    gallery: bool = typer.Option(True, "--report/--no-report", help="Write OUT/index.html (the gallery) as jobs finish."),
 ):
     """Run many jobs (prompts, images, a job list); rerun to skip finished jobs and resume interrupted ones."""
     from distill3d.engine.batch import BatchOptions, BatchState, load_jobs, run_local
@@ -92,7 +106,7 @@ def batch(
 
         import_ray()
     out.mkdir(parents=True, exist_ok=True)
-    options = BatchOptions(recipe=recipe, out=out, overrides=list(set_), workers=workers, report=report)
+    options = BatchOptions(recipe=recipe, out=out, overrides=list(set_), workers=workers, report=gallery)
 
     def on_event(event: str, record: dict) -> None:
         counts = state.counts()
@@ -112,14 +126,12 @@ def batch(
     typer.echo(summary_table(summary["jobs"]))
     counts = summary["counts"]
     typer.echo(f"[batch] {counts['done']} done, {counts['failed']} failed, {counts.get('interrupted', 0)} interrupted; "
-               f"summary {state.out / 'summary.json'}" + (f", gallery {state.out / 'index.html'}" if report else ""), err=True)
+               f"summary {state.out / 'summary.json'}" + (f", gallery {state.out / 'index.html'}" if gallery else ""), err=True)
     if counts["done"] != len(job_list):
         raise typer.Exit(1)
 
 
-@app.command("report")
-@friendly_errors
-def report_command(
+def report(
     directory: Path = typer.Argument(..., help="A run directory or a batch directory."),
 ):
     """Write DIR/index.html: turntables, 3D viewers, loss curves, eval figures, configs; works offline."""
@@ -128,3 +140,8 @@ def report_command(
     path = write_report(directory)
     typer.echo(str(path))
 
+
+
+def register(app: typer.Typer, friendly_errors) -> None:
+    app.command(cls=_RayAddressOptional)(friendly_errors(batch))
+    app.command()(friendly_errors(report))
