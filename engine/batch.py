@@ -403,6 +403,10 @@ def run_local(jobs: list[Job], state: BatchState) -> None:
             state.mark_result(run_job(job, state.out / job.name, options.recipe, options.overrides))
         else:
             todo.append(job)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         for future in [pool.submit(work, job) for job in todo]:
             future.result()
+    finally:
+        # Ctrl-C: running jobs got the SIGINT too and stop at a checkpoint; queued ones never start.
+        pool.shutdown(wait=True, cancel_futures=True)
