@@ -185,7 +185,9 @@ def test_run_page_shows_model_and_playing_turntable(tmp_path, browser):
     assert np.abs(clear - background).sum() > 0, "the viewer's clear colour should be visible against the page"
     model = np.abs(viewer - clear).sum(-1) > 30
     assert model.mean() > 0.05, f"only {model.mean():.3f} of the viewer differs from its background"
-    assert viewer[model].std(0).mean() > 8, "the model is drawn in one flat colour: the texture is missing"
+    pixels = viewer[model]
+    chroma = (pixels.max(-1) - pixels.min(-1)).mean()  # the untextured (white) mesh is shades of grey
+    assert chroma > 25, f"the model is drawn without its texture's colours (mean chroma {chroma:.1f})"
     # Orbiting changes the picture.
     browser.evaluate("(() => { const v = document.querySelector('canvas.glb-viewer').viewer; v.azimuth += 1.2; v.draw(); return true; })()")
     turned = _crop(browser.screenshot(), browser.rect("canvas.glb-viewer"))
