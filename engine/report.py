@@ -99,11 +99,18 @@ def loss_chart(rows: list[dict], key: str = "loss", width: int = 480, height: in
     sx = lambda s: left + (s - x0) / max(x1 - x0, 1e-12) * (width - left - right)  # noqa: E731
     sy = lambda y: top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)  # noqa: E731
     line = " ".join(f"{sx(s):.1f},{sy(y):.1f}" for s, y in zip(steps, ys))
+    # SDS losses are noisy by nature: an exponential moving average shows the trend.
+    smooth, ema = [], ys[0]
+    for y in ys:
+        ema = 0.8 * ema + 0.2 * y
+        smooth.append(ema)
+    trend = " ".join(f"{sx(s):.1f},{sy(y):.1f}" for s, y in zip(steps, smooth))
     fmt = (lambda y: f"{10 ** y:.3g}") if log else (lambda y: f"{y:.3g}")
     return (
         f"<svg class=\"chart loss-curve\" viewBox=\"0 0 {width} {height}\" role=\"img\" aria-label=\"{_esc(key)} over steps\">"
         f"<rect x=\"{left}\" y=\"{top}\" width=\"{width - left - right}\" height=\"{height - top - bottom}\" fill=\"none\" stroke=\"#dde1e7\"/>"
-        f"<polyline points=\"{line}\" fill=\"none\" stroke=\"#0b5cad\" stroke-width=\"1.5\"/>"
+        f"<polyline class=\"raw\" points=\"{line}\" fill=\"none\" stroke=\"#9dbbe0\" stroke-width=\"1\"/>"
+        f"<polyline class=\"trend\" points=\"{trend}\" fill=\"none\" stroke=\"#0b5cad\" stroke-width=\"2\"><title>moving average</title></polyline>"
         f"<text x=\"{left - 4}\" y=\"{top + 10}\" text-anchor=\"end\">{fmt(y1)}</text>"
         f"<text x=\"{left - 4}\" y=\"{height - bottom}\" text-anchor=\"end\">{fmt(y0)}</text>"
         f"<text x=\"{left}\" y=\"{height - 8}\">step {x0}</text>"

@@ -21,9 +21,10 @@ from distill3d.engine.cli import app
 
 # Short oracle runs: a checkpoint every 4 steps so a killed job has one to resume from.
 QUICK = [
-    "trainer.steps=16", "trainer.resolution=32", "trainer.checkpoint_every=4", "trainer.eval_views=2",
-    "trainer.eval_resolution=32", "trainer.video_frames=6", "trainer.video_resolution=32",
-    "representation.samples_per_ray=32", "trainer.threads=1",
+    "trainer.steps=16", "trainer.checkpoint_every=4", "trainer.threads=1", "trainer.resolution=16",
+    "trainer.eval_resolution=16", "trainer.eval_views=2", "trainer.video_frames=4", "trainer.video_resolution=16",
+    "representation.levels=4", "representation.log2_table_size=12", "representation.max_resolution=64",
+    "representation.samples_per_ray=16", "representation.occupancy.resolution=16",
 ]
 JOBS = """\
 - {prompt: "a few primitives", reference: default}
@@ -161,6 +162,7 @@ def check_summary(out: Path) -> dict:
 @pytest.mark.slow
 def test_batch_locally_then_on_ray_with_a_killed_worker(tmp_path):
     jobs_file = write(tmp_path / "jobs.yaml", JOBS)
+    started = time.time()
     out = tmp_path / "local"
     proc = run_batch(str(jobs_file), "--recipe", "oracle-nerf", "--out", str(out), "--workers", "2", *sets(QUICK))
     stdout, stderr = proc.communicate(timeout=170)
@@ -175,6 +177,7 @@ def test_batch_locally_then_on_ray_with_a_killed_worker(tmp_path):
     stdout, stderr = run_batch(str(jobs_file), "--recipe", "oracle-nerf", "--out", str(out), *sets(QUICK)).communicate(timeout=120)
     assert "cylinders: already done, skipped" in stderr and "broken: FAILED" in stderr
     assert (out / "cylinders" / "turntable.gif").stat().st_mtime == mtime
+    print(f"local batch and rerun: {time.time() - started:.0f} s")
 
     pytest.importorskip("ray", reason="the Ray half needs `pip install distill3d[ray]`")
     out = tmp_path / "ray"
@@ -196,3 +199,4 @@ def test_batch_locally_then_on_ray_with_a_killed_worker(tmp_path):
     assert "=== attempt 2" in log and "resuming at step" in log
     steps = [json.loads(line)["step"] for line in (victim / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 16  # each step logged once, to the end
+    print(f"with the Ray batch: {time.time() - started:.0f} s")

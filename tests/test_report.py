@@ -36,14 +36,14 @@ def test_run_page_holds_everything_offline(tmp_path):
     assert 'src="turntable.gif"' in html
     assert "a &lt;b&gt;bold&lt;/b&gt; mug" in html and "<b>bold</b>" not in html  # the prompt is text, not markup
     assert "31.25" in html and "0.9812" in html and "seed: 7" in html
-    assert html.count("<polyline") == 1
+    assert html.count("<polyline") == 2  # the logged loss and its moving average
 
 
 def test_loss_chart_scales():
     rows = [{"step": s, "loss": 10.0 ** (-s / 10)} for s in range(10, 51, 10)]
     chart = loss_chart(rows)
     assert "(log)" in chart and ">0.1<" in chart and ">1e-05<" in chart
-    points = [tuple(map(float, p.split(","))) for p in re.search(r'points="([^"]+)"', chart).group(1).split()]
+    points = [tuple(map(float, p.split(","))) for p in re.search(r'class="raw" points="([^"]+)"', chart).group(1).split()]
     ys = [y for _, y in points]
     assert ys == sorted(ys) and len(set(round(b - a, 3) for a, b in zip(ys, ys[1:]))) == 1  # log10 -> evenly spaced
     linear = loss_chart([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 3.0}])

@@ -198,7 +198,7 @@ def test_run_page_shows_model_and_playing_turntable(tmp_path, browser):
     later = browser.screenshot("run_page_later.png")
     assert np.abs(_crop(later, turntable) - _crop(first, turntable)).mean() > 1, "the turntable did not move"
     # Loss curve and eval figures are on the page.
-    assert browser.evaluate("document.querySelectorAll('svg.loss-curve polyline').length") == 1
+    assert browser.evaluate("document.querySelectorAll('svg.loss-curve polyline').length") == 2
     assert "30.5" in browser.evaluate("document.querySelector('#eval').textContent")
     assert browser.errors() == []
 
