@@ -230,6 +230,9 @@ def _error_from_log(text: str, returncode: int) -> str:
     for i, line in enumerate(lines):
         if line.startswith("error: "):
             return "\n".join([line[len("error: "):]] + lines[i + 1:])[-2000:]
+    if returncode == 130:  # Ctrl-C: the run stopped at a checkpoint and says where
+        stopped = [line for line in lines if line.startswith("stopped at step")]
+        return (stopped[-1] if stopped else "interrupted") + "; run the same batch command again to resume"
     if returncode < 0:
         how = f"killed by {signal.Signals(-returncode).name}"
     else:
