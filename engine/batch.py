@@ -26,11 +26,11 @@ from typing import Callable
 
 import yaml
 
-from distill3d.engine.checkpoint import CHECKPOINT_RE, atomic_write_text, latest_checkpoint
+from distill3d.engine.checkpoint import atomic_write_text
 from distill3d.engine.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-JOB_KEYS = ("name", "prompt", "image", "seed", "reference", "negative", "set")
+JOB_KEYS = ("name", "prompt", "image", "elevation", "seed", "scene", "negative", "set")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -44,9 +44,10 @@ class Job:
 
     name: str
     prompt: str = ""
-    image: str | None = None
+    image: str | None = None  # image-to-3D input photo (generate --image)
+    elevation: float | None = None  # of the photo's camera (generate --elevation)
     seed: int | None = None
-    reference: str | None = None  # scene/mesh for oracle recipes and evaluation (generate --reference)
+    scene: str | None = None  # scene/mesh for oracle recipes and evaluation (generate --scene)
     negative: str | None = None
     overrides: list[str] = field(default_factory=list)  # --set key=value, after the batch's own
     source: str = ""
@@ -76,6 +77,9 @@ def _job_from_entry(entry, where: str, base: Path) -> Job:
     seed = entry.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise JobsFileError(f"{where}: 'seed' must be an integer, got {seed!r}")
+    elevation = entry.get("elevation")
+    if elevation is not None and (isinstance(elevation, bool) or not isinstance(elevation, (int, float))):
+        raise JobsFileError(f"{where}: 'elevation' must be a number (degrees), got {elevation!r}")
     overrides = entry.get("set") or []
     if isinstance(overrides, dict):  # {key: value} reads better in YAML; values stay YAML
         overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in overrides.items()]
@@ -84,7 +88,7 @@ def _job_from_entry(entry, where: str, base: Path) -> Job:
     # Relative files are relative to the jobs file, not to wherever the batch was started.
     resolve = lambda p: str((base / p).resolve()) if p and not Path(p).is_absolute() and (base / p).exists() else p  # noqa: E731
     image = resolve(image)
-    reference = resolve(entry.get("reference"))
+    scene = resolve(entry.get("scene"))
     name = entry.get("name")
     if name is None:
         name = slugify(prompt if prompt.strip() else Path(image).stem)
@@ -93,7 +97,7 @@ def _job_from_entry(entry, where: str, base: Path) -> Job:
     name = str(name)
     if not NAME_RE.match(name):
         raise JobsFileError(f"{where}: job name {name!r} must start with a letter or digit and use only letters, digits, '.', '_', '-'")
-    return Job(name, prompt, image, seed, reference, entry.get("negative"), list(overrides), where)
+    return Job(name, prompt, image, elevation, seed, scene, entry.get("negative"), list(overrides), where)
 
 
 def load_jobs(path: Path) -> list[Job]:
@@ -191,10 +195,12 @@ def job_command(job: Job, recipe: str, run_dir: Path, overrides: list[str]) -> l
     cmd += ["--recipe", recipe, "--out", str(run_dir)]
     if job.image:
         cmd += ["--image", job.image]
+    if job.elevation is not None:
+        cmd += ["--elevation", str(job.elevation)]
     if job.seed is not None:
         cmd += ["--seed", str(job.seed)]
-    if job.reference:
-        cmd += ["--reference", job.reference]
+    if job.scene:
+        cmd += ["--scene", job.scene]
     if job.negative:
         cmd += ["--negative", job.negative]
     for text in list(overrides) + job.overrides:
@@ -202,16 +208,10 @@ def job_command(job: Job, recipe: str, run_dir: Path, overrides: list[str]) -> l
     return cmd
 
 
-def _resume_point(run_dir: Path) -> int | None:
-    """Checkpoint step to resume from, None when the job must start (again) from zero."""
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None or not (run_dir / "config.yaml").exists():
-        return None
-    return int(CHECKPOINT_RE.search(ckpt.name).group(1))
-
-
-def _staged_leftovers(run_dir: Path) -> list[str]:
-    return sorted(p.parent.parent.name for p in run_dir.glob("*/checkpoints/step_*.pt"))
+def _started(run_dir: Path) -> bool:
+    """A run (config.yaml) or a staged run (pipeline.yaml) is there: `distill3d resume` continues
+    it from its checkpoints, finished stages kept; anything else starts with `generate`."""
+    return (run_dir / "config.yaml").exists() or (run_dir / "pipeline.yaml").exists()
 
 
 def _die_with_parent() -> None:
@@ -250,24 +250,13 @@ def run_job(job: Job, run_dir: Path, recipe: str, overrides: list[str], env: dic
     if state.get("status") == "done":
         return JobResult(job.name, "skipped", state.get("seconds", 0.0), None, state.get("attempts", 1), state.get("resumed_from"), state.get("eval"), state.get("host"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    resumed_from = _resume_point(run_dir)
-    if resumed_from is not None:
-        cmd = _cli() + ["resume", str(run_dir)]
-    else:
-        leftovers = _staged_leftovers(run_dir)
-        if leftovers:
-            error = (
-                f"stages {', '.join(leftovers)} of this staged job were interrupted and batch cannot resume staged runs yet; "
-                f"finish them with `distill3d resume {run_dir}/<stage>` or delete {run_dir} to start the job again"
-            )
-            _write_state(run_dir, {**state, "status": "failed", "error": error})
-            return JobResult(job.name, "failed", 0.0, error, state.get("attempts", 0))
-        cmd = job_command(job, recipe, run_dir, overrides)
+    resuming = _started(run_dir)
+    cmd = _cli() + ["resume", str(run_dir)] if resuming else job_command(job, recipe, run_dir, overrides)
     attempts = int(state.get("attempts", 0)) + 1
     host = socket.gethostname()
     started = time.time()
     _write_state(run_dir, {"name": job.name, "status": "running", "attempts": attempts, "pid": os.getpid(), "host": host,
-                           "started": started, "resumed_from": resumed_from, "command": cmd})
+                           "started": started, "command": cmd})
     log_path = run_dir / "job.log"
     with open(log_path, "a") as log:
         log.write(f"=== attempt {attempts} on {host} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd)}\n")
@@ -275,15 +264,20 @@ def run_job(job: Job, run_dir: Path, recipe: str, overrides: list[str], env: dic
         offset = log.tell()
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                               env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
-    seconds = time.time() - started + float(state.get("seconds", 0.0) if resumed_from is not None else 0.0)
+    with open(log_path) as fh:
+        fh.seek(offset)
+        output = fh.read()
+    resumed = re.findall(r"^resuming at step (\d+)", output, flags=re.M)
+    resumed_from = int(resumed[0]) if resumed else None
+    seconds = time.time() - started + (float(state.get("seconds") or 0.0) if resuming else 0.0)
     if proc.returncode == 0:
         status, error = "done", None
     else:
-        with open(log_path) as fh:
-            fh.seek(offset)
-            error = _error_from_log(fh.read(), proc.returncode)
+        error = _error_from_log(output, proc.returncode)
         status = "interrupted" if proc.returncode == 130 else "failed"
-    eval_path = run_dir / "eval.json"
+    from distill3d.engine.pipeline import final_run_dir
+
+    eval_path = final_run_dir(run_dir) / "eval.json"  # a staged run's result is its last stage
     figures = None
     if status == "done" and eval_path.exists():
         data = json.loads(eval_path.read_text())

@@ -90,7 +90,7 @@ def batch(
         None, "--ray", metavar="[ADDRESS]",
         help="Run jobs as Ray tasks: --ray alone starts a local Ray, --ray HOST:PORT joins a cluster (OUT must be shared).",
     ),
-    reference: Optional[str] = typer.Option(None, help="Reference scene for every job without its own (oracle recipes; a file or a shipped scene name)."),
+    scene: Optional[str] = typer.Option(None, "--scene", "--reference", help="Scene for every job without its own (oracle recipes and evaluation; a file or a shipped scene name)."),
     set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value for every job (repeatable); jobs add their own."),
     gallery: bool = typer.Option(True, "--report/--no-report", help="Write OUT/index.html (the gallery) as jobs finish."),
 ):
@@ -102,7 +102,7 @@ def batch(
         raise UserError(f"--workers must be at least 1, got {workers}")
     job_list = load_jobs(jobs)
     for job in job_list:
-        job.reference = job.reference or reference
+        job.scene = job.scene or scene
     recipe_path(recipe)  # an unknown recipe fails here, not once per job
     if ray is not None:
         from distill3d.engine.batch_ray import import_ray

@@ -47,10 +47,20 @@ def has_outputs(run_dir: Path) -> bool:
     return any((Path(run_dir) / name).exists() for name in OUTPUT_FILES)
 
 
+def _children(directory: Path) -> list[Path]:
+    """Sub-directories in order: a staged run's stages as they ran (pipeline.yaml), else by name."""
+    directory = Path(directory)
+    children = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if (directory / "pipeline.yaml").exists():
+        stages = [s["name"] for s in (yaml.safe_load((directory / "pipeline.yaml").read_text()) or {}).get("stages", [])]
+        children.sort(key=lambda p: stages.index(p.name) if p.name in stages else len(stages))
+    return children
+
+
 def _runs_below(directory: Path) -> list[Path]:
     """Child directories that are runs, or hold runs (a staged run's stages)."""
     found = []
-    for child in sorted(p for p in Path(directory).iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for child in _children(directory):
         if is_run(child) or any(is_run(grandchild) for grandchild in child.iterdir() if grandchild.is_dir()):
             found.append(child)
     return found
@@ -219,7 +229,7 @@ def _thumbnail_dir(run: Path) -> Path | None:
     """The directory whose turntable stands for a run: itself, or a staged run's last stage."""
     if (run / "turntable.gif").exists():
         return run
-    stages = [p for p in sorted(run.iterdir()) if p.is_dir() and (p / "turntable.gif").exists()] if run.is_dir() else []
+    stages = [p for p in _children(run) if (p / "turntable.gif").exists()] if run.is_dir() else []
     return stages[-1] if stages else None
 
 

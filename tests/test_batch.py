@@ -27,9 +27,9 @@ QUICK = [
     "representation.samples_per_ray=16", "representation.occupancy.resolution=16",
 ]
 JOBS = """\
-- {prompt: "a few primitives", reference: default}
-- {name: cylinders, prompt: "two cylinders", reference: two_cylinders, seed: 3}
-- {name: broken, prompt: "a scene that is not there", reference: nowhere/scene.json}
+- {prompt: "a few primitives", scene: default}
+- {name: cylinders, prompt: "two cylinders", scene: two_cylinders, seed: 3}
+- {name: broken, prompt: "a scene that is not there", scene: nowhere/scene.json}
 """
 
 
@@ -45,9 +45,9 @@ def test_text_yaml_jsonl_and_image_folder(tmp_path):
     assert jobs[1].source == "p.txt line 4"
 
     write(tmp_path / "scene.json", "{}")
-    jobs = load_jobs(write(tmp_path / "j.yaml", "jobs:\n- a mug\n- {prompt: a mug, seed: 2, reference: scene.json, set: {trainer.steps: 5, 'cameras.elevation': [0, 30]}}\n"))
+    jobs = load_jobs(write(tmp_path / "j.yaml", "jobs:\n- a mug\n- {prompt: a mug, seed: 2, scene: scene.json, set: {trainer.steps: 5, 'cameras.elevation': [0, 30]}}\n"))
     assert [j.name for j in jobs] == ["a-mug", "a-mug-seed2"]
-    assert jobs[1].reference == str((tmp_path / "scene.json").resolve())  # relative to the jobs file
+    assert jobs[1].scene == str((tmp_path / "scene.json").resolve())  # relative to the jobs file
     assert jobs[1].overrides == ["trainer.steps=5", "cameras.elevation=[0, 30]"]
 
     jobs = load_jobs(write(tmp_path / "j.jsonl", '{"name": "one", "prompt": "x", "set": ["trainer.steps=3"]}\n\n"y"\n'))
@@ -73,6 +73,7 @@ def test_text_yaml_jsonl_and_image_folder(tmp_path):
         ("key.yaml", "- {prompt: a, steps: 3}\n", "entry 1: unknown key 'steps'"),
         ("none.yaml", "- {seed: 3}\n", "entry 1: a job needs a 'prompt' or an 'image'"),
         ("seed.jsonl", '{"prompt": "a", "seed": "x"}\n', "line 1: 'seed' must be an integer"),
+        ("elev.yaml", "- {image: a.png, elevation: high}\n", "entry 1: 'elevation' must be a number"),
         ("name.yaml", "- {name: ../up, prompt: a}\n", "job name '../up' must start"),
     ],
 )
@@ -89,11 +90,11 @@ def test_empty_image_folder_and_missing_file(tmp_path):
 
 
 def test_job_command_is_the_ordinary_cli(tmp_path):
-    job = Job("x", "a mug", image="/data/mug.png", seed=4, reference="default", overrides=["trainer.steps=9"])
+    job = Job("x", "a mug", image="/data/mug.png", elevation=10.0, seed=4, scene="default", overrides=["trainer.steps=9"])
     cmd = job_command(job, "oracle-nerf", tmp_path / "x", ["trainer.steps=5"])
     assert cmd[:4] == [sys.executable, "-m", "distill3d.engine.cli", "generate"]
-    assert cmd[4:] == ["a mug", "--recipe", "oracle-nerf", "--out", str(tmp_path / "x"), "--image", "/data/mug.png", "--seed", "4",
-                       "--reference", "default", "--set", "trainer.steps=5", "--set", "trainer.steps=9"]  # the job's own override wins
+    assert cmd[4:] == ["a mug", "--recipe", "oracle-nerf", "--out", str(tmp_path / "x"), "--image", "/data/mug.png", "--elevation", "10.0",
+                       "--seed", "4", "--scene", "default", "--set", "trainer.steps=5", "--set", "trainer.steps=9"]  # the job's own override wins
 
 
 def test_workers_are_pinned_to_gpus(monkeypatch):
@@ -149,7 +150,7 @@ def check_summary(out: Path) -> dict:
     jobs = {j["name"]: j for j in summary["jobs"]}
     assert set(jobs) == {"a-few-primitives", "cylinders", "broken"}
     assert summary["counts"]["done"] == 2 and summary["counts"]["failed"] == 1
-    assert jobs["broken"]["status"] == "failed" and "nowhere/scene.json does not exist" in jobs["broken"]["error"]
+    assert jobs["broken"]["status"] == "failed" and "scene nowhere/scene.json does not exist" in jobs["broken"]["error"]
     for name in ("a-few-primitives", "cylinders"):
         assert jobs[name]["status"] == "done"
         assert jobs[name]["eval"]["psnr"] > 5  # eval figures come back from the run
@@ -168,7 +169,7 @@ def test_batch_locally_then_on_ray_with_a_killed_worker(tmp_path):
     stdout, stderr = proc.communicate(timeout=170)
     assert proc.returncode == 1, stderr  # not all jobs succeeded
     check_summary(out)
-    assert "0/3 done, 1 running" in stderr and "broken: FAILED: reference file" in stderr
+    assert "0/3 done, 1 running" in stderr and "broken: FAILED: scene nowhere/scene.json does not exist" in stderr
     table = stdout.splitlines()
     assert table[0].split() == ["job", "status", "time", "psnr", "iou", "note"] and len(table) == 4
 
