@@ -34,14 +34,14 @@ def settings(steps: int) -> list[str]:
 
 def jobs(n: int) -> list[dict]:
     scenes = ["default", "two_cylinders"]
-    return [{"name": f"job{i}", "prompt": f"oracle job {i}", "reference": scenes[i % 2], "seed": i} for i in range(n)]
+    return [{"name": f"job{i}", "prompt": f"oracle job {i}", "scene": scenes[i % 2], "seed": i} for i in range(n)]
 
 
 def by_hand(job_list: list[dict], out: Path, steps: int) -> float:
     start = time.perf_counter()
     for job in job_list:
         cmd = CLI + ["generate", job["prompt"], "--recipe", "oracle-nerf", "--out", str(out / job["name"]),
-                     "--reference", job["reference"], "--seed", str(job["seed"]), *settings(steps)]
+                     "--scene", job["scene"], "--seed", str(job["seed"]), *settings(steps)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
