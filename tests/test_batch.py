@@ -136,7 +136,7 @@ def test_ray_missing_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 # ----- end to end ---------------------------------------------------------------------------------
-def run_batch(*args, timeout=170):
+def run_batch(*args):
     cmd = [sys.executable, "-m", "distill3d.engine.cli", "batch", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -166,7 +166,7 @@ def test_batch_locally_then_on_ray_with_a_killed_worker(tmp_path):
     started = time.time()
     out = tmp_path / "local"
     proc = run_batch(str(jobs_file), "--recipe", "oracle-nerf", "--out", str(out), "--workers", "2", *sets(QUICK))
-    stdout, stderr = proc.communicate(timeout=170)
+    stdout, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 1, stderr  # not all jobs succeeded
     check_summary(out)
     assert "0/3 done, 1 running" in stderr and "broken: FAILED: scene nowhere/scene.json does not exist" in stderr
@@ -175,7 +175,7 @@ def test_batch_locally_then_on_ray_with_a_killed_worker(tmp_path):
 
     # Again: finished jobs are skipped (their runs untouched), the failed one is tried again.
     mtime = (out / "cylinders" / "turntable.gif").stat().st_mtime
-    stdout, stderr = run_batch(str(jobs_file), "--recipe", "oracle-nerf", "--out", str(out), *sets(QUICK)).communicate(timeout=120)
+    stdout, stderr = run_batch(str(jobs_file), "--recipe", "oracle-nerf", "--out", str(out), *sets(QUICK)).communicate(timeout=400)
     assert "cylinders: already done, skipped" in stderr and "broken: FAILED" in stderr
     assert (out / "cylinders" / "turntable.gif").stat().st_mtime == mtime
     print(f"local batch and rerun: {time.time() - started:.0f} s")
@@ -185,14 +185,14 @@ def test_batch_locally_then_on_ray_with_a_killed_worker(tmp_path):
     victim = out / "cylinders"
     proc = run_batch(str(jobs_file), "--recipe", "oracle-nerf", "--out", str(out), "--workers", "2", *sets(QUICK), "--ray")
     # Kill the Ray worker running the job once the job has written a checkpoint.
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # generous: a loaded machine starts processes slowly
     while not list((victim / "checkpoints").glob("step_*.pt")):
         assert time.time() < deadline and proc.poll() is None, "the job never wrote a checkpoint"
         time.sleep(0.1)
     state = json.loads((victim / "job.json").read_text())
     assert state["status"] == "running" and state["attempts"] == 1
     os.kill(state["pid"], signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=170)
+    stdout, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 1, stderr
     jobs = check_summary(out)
     assert jobs["cylinders"]["attempts"] == 2 and jobs["cylinders"]["resumed_from"] >= 4, jobs["cylinders"]
