@@ -109,11 +109,9 @@ def loss_chart(rows: list[dict], key: str = "loss", width: int = 480, height: in
     sx = lambda s: left + (s - x0) / max(x1 - x0, 1e-12) * (width - left - right)  # noqa: E731
     sy = lambda y: top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)  # noqa: E731
     line = " ".join(f"{sx(s):.1f},{sy(y):.1f}" for s, y in zip(steps, ys))
-    # SDS losses are noisy by nature: an exponential moving average shows the trend.
-    smooth, ema = [], ys[0]
-    for y in ys:
-        ema = 0.8 * ema + 0.2 * y
-        smooth.append(ema)
+    # SDS losses are noisy by nature: a centred moving average (no lag) shows the trend.
+    half = max(1, len(ys) // 25)
+    smooth = [sum(ys[max(0, i - half) : i + half + 1]) / len(ys[max(0, i - half) : i + half + 1]) for i in range(len(ys))]
     trend = " ".join(f"{sx(s):.1f},{sy(y):.1f}" for s, y in zip(steps, smooth))
     fmt = (lambda y: f"{10 ** y:.3g}") if log else (lambda y: f"{y:.3g}")
     return (
