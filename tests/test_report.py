@@ -80,6 +80,17 @@ def test_batch_summary_shows_status_and_errors(tmp_path):
     assert (tmp_path / "b" / "ok" / "index.html").exists()
 
 
+def test_staged_run_in_pipeline_order(tmp_path):
+    run = tmp_path / "c2f"
+    fake_run(run / "nerf-coarse")
+    fake_run(run / "a-refine")  # sorts first by name, ran last
+    (run / "pipeline.yaml").write_text("name: x\nstages:\n- {name: nerf-coarse}\n- {name: a-refine}\n")
+    write_report(tmp_path)
+    staged = (run / "index.html").read_text()
+    assert re.findall(r'href="([\w-]+)/index.html"><img', staged) == ["nerf-coarse", "a-refine"]
+    assert 'src="c2f/a-refine/turntable.gif"' in (tmp_path / "index.html").read_text()  # the result is the last stage
+
+
 @pytest.mark.parametrize("setup, fragment", [
     (lambda d: None, "holds no run outputs"),
     (lambda d: (d / "config.yaml").write_text("name: x\n"), "a run without outputs yet"),
