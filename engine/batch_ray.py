@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
 from distill3d.engine.batch import BatchState, Job, JobResult, is_finished, run_job
 from distill3d.engine.errors import UserError
 
 LOCAL = "local"  # `--ray` without an address
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # TCP connect to the head
+INIT_TIMEOUT_S = 30.0  # ray.init against it
 RETRIES = 3  # times a job is run again after its worker died
 
 
@@ -60,9 +62,28 @@ def connect(address: str, workers: int):
     if address == LOCAL:
         # A private local Ray with one CPU slot per worker: --workers N runs N jobs at a time.
         ray.init(num_cpus=max(1, workers), **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
-    return ray
+        return ray
+    # Something that accepts TCP but is no Ray head (or a stuck one) would keep ray.init retrying
+    # for minutes: give it a bounded time in a daemon thread and stop with a clear message.
+    outcome: dict = {}
+
+    def init() -> None:
+        try:
+            ray.init(address=address, **kwargs)
+            outcome["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - reported below as one clear line
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=init, daemon=True)
+    thread.start()
+    thread.join(INIT_TIMEOUT_S)
+    if "ok" in outcome:
+        return ray
+    why = f"{type(outcome['error']).__name__}: {outcome['error']}" if "error" in outcome else f"no answer within {INIT_TIMEOUT_S:.0f} s"
+    raise RayUnavailableError(
+        f"cannot connect to a Ray cluster at {address} ({why}); is a Ray head running there (`ray start --head` prints "
+        "its address)? Without an address, --ray starts a local Ray"
+    )
 
 
 def _needs_gpu(recipe: str, overrides: list[str], ray) -> float:

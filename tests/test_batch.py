@@ -129,6 +129,23 @@ def test_cli_errors_are_one_line(tmp_path):
     assert code == 2 and "expected HOST:PORT" in out
 
 
+def test_silent_ray_address_does_not_hang(tmp_path, monkeypatch):
+    """Something accepts TCP at the address but never answers like a Ray head."""
+    pytest.importorskip("ray")
+    import distill3d.engine.batch_ray as batch_ray
+
+    monkeypatch.setattr(batch_ray, "INIT_TIMEOUT_S", 3.0)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        started = time.time()
+        code, out = cli("batch", str(write(tmp_path / "j.txt", "a mug\n")), "--recipe", "oracle-nerf", "--out", str(tmp_path / "o"),
+                        "--ray", f"127.0.0.1:{port}")
+    assert code == 2 and f"cannot connect to a Ray cluster at 127.0.0.1:{port}" in out, out
+    assert time.time() - started < 30
+
+
 def test_ray_missing_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     code, out = cli("batch", str(write(tmp_path / "j.txt", "a mug\n")), "--recipe", "oracle-nerf", "--out", str(tmp_path / "o"), "--ray")
