@@ -318,11 +318,12 @@ class BatchState:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         return counts
 
-    def mark_running(self, name: str) -> None:
+    def mark_running(self, name: str, event: str = "running") -> None:
+        """`event` "submitted": handed to Ray, which starts it when a worker is free."""
         with self.lock:
             self.records[name]["status"] = "running"
             self._save()
-        self._emit("running", self.records[name])
+        self._emit(event, self.records[name])
 
     def mark_result(self, result: JobResult) -> None:
         with self.lock:

@@ -119,7 +119,7 @@ def run_ray(jobs: list[Job], state: BatchState, address: str) -> None:
                 state.mark_result(run_job(job, run_dir, options.recipe, options.overrides))
                 continue
             pending[task.remote(job, str(run_dir), options.recipe, options.overrides)] = job
-            state.mark_running(job.name)  # queued or running: Ray decides when
+            state.mark_running(job.name, "submitted")  # counted as running: Ray decides when it starts
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
             for ref in ready:

@@ -30,6 +30,8 @@ def _progress(event: str, record: dict, counts: dict) -> None:
     line = f"[batch] {counts['done']}/{counts['total']} done, {counts['running']} running, {counts['failed']} failed | {record['name']}: "
     if event == "running":
         line += "started" + (f" (attempt {record['attempts'] + 1})" if record.get("attempts") else "")
+    elif event == "submitted":
+        line += "submitted to Ray"
     elif record.get("skipped"):
         line += "already done, skipped"
     elif record["status"] == "done":
