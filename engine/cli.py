@@ -466,6 +466,10 @@ def doctor():
         typer.echo(f"  {op:14s} -> {chosen:8s} ({others})")
 
 
+from distill3d.engine.cli_batch import register as register_batch_commands  # noqa: E402 - batch, report
+register_batch_commands(app, friendly_errors)
+
+
 def main() -> None:
     app()
 
