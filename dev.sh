@@ -37,13 +37,14 @@ setup() {
     : >"$LOG"
     local pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
     echo "[dev.sh] installing into $VENV (first run takes a few minutes; details in $LOG)" >&2
-    quietly "1/4 pip, setuptools, wheel" "${pip[@]}" --upgrade pip setuptools wheel
+    quietly "1/5 pip, setuptools, wheel" "${pip[@]}" --upgrade pip setuptools wheel
     # torch first and pinned: anything that pulls torch in later must not replace it.
-    quietly "2/4 $TORCH_SPEC" "${pip[@]}" "$TORCH_SPEC"
+    quietly "2/5 $TORCH_SPEC" "${pip[@]}" "$TORCH_SPEC"
     local constraints="$VENV/torch-constraint.txt"
     "$VENV/bin/python" -c 'from importlib.metadata import version; print("torch==" + version("torch"))' > "$constraints"
-    quietly "3/4 distill3d (editable) and its dependencies" "${pip[@]}" -c "$constraints" -e ".[dev]"
+    quietly "3/5 distill3d (editable) and its dependencies" "${pip[@]}" -c "$constraints" -e ".[dev]"
     install_gltf_validator
+    install_chromium
     echo "$want" > "$stamp"
     echo "[dev.sh] ready: $VENV/bin/distill3d" >&2
   fi
@@ -54,12 +55,27 @@ setup() {
 GLTF_VALIDATOR_DIR="$VENV/gltf-validator"
 install_gltf_validator() {
   if command -v npm >/dev/null && command -v node >/dev/null; then
-    echo "[dev.sh] 4/4 glTF validator (npm)" >&2
+    echo "[dev.sh] 4/5 glTF validator (npm)" >&2
     npm install --prefix "$GLTF_VALIDATOR_DIR" --no-audit --no-fund --loglevel=error \
       gltf-validator@2.0.0-dev.3.10 >>"$LOG" 2>&1 \
       || echo "[dev.sh] note: npm could not install gltf-validator (see $LOG); its test will be skipped" >&2
   else
-    echo "[dev.sh] 4/4 glTF validator skipped (no node/npm; its test will be skipped)" >&2
+    echo "[dev.sh] 4/5 glTF validator skipped (no node/npm; its test will be skipped)" >&2
+  fi
+}
+
+# Optional: Debian's Chromium, so the gallery test (tests/test_report_browser.py) opens the report
+# pages in a real headless browser. Only as root with apt-get; elsewhere that test is skipped and
+# says why. DISTILL3D_NO_CHROMIUM=1 skips this step.
+install_chromium() {
+  if command -v chromium >/dev/null; then
+    echo "[dev.sh] 5/5 chromium already installed" >&2
+  elif [[ -z "${DISTILL3D_NO_CHROMIUM:-}" ]] && command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+    echo "[dev.sh] 5/5 chromium (apt-get, for the gallery browser test)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >>"$LOG" 2>&1 \
+      || echo "[dev.sh] note: apt-get could not install chromium (see $LOG); the gallery browser test will be skipped" >&2
+  else
+    echo "[dev.sh] 5/5 chromium skipped (not root or no apt-get; the gallery browser test will be skipped)" >&2
   fi
 }
 
