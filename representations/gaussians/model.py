@@ -402,11 +402,14 @@ class Gaussians(Representation):
             return density, color
         op = self.opacities
         rot = quat_to_rotmat(self.quats)
-        inv_s = 1.0 / self.scales
+        # inverse covariance A = R S^-2 R^T: d^T A d is a quadratic polynomial of the point, so
+        # every (point, Gaussian) pair of a cell comes out of one matmul (cell-local coordinates
+        # keep it well conditioned)
+        A = (rot / self.scales[:, None, :].square()) @ rot.transpose(1, 2)
         extend = (2 * torch.log((op / ALPHA_MIN).clamp_min(1.0))).sqrt()
         reach = extend * self.scales.max(-1).values
         live = reach > 0
-        mu, reach = self.means, reach
+        mu = self.means
         rgb = sh0_to_rgb(self.sh_dc[:, 0]).clamp(0, 1)
         lo, hi = pts.min(0).values, pts.max(0).values
         cells = max(1, round((p / cell_points) ** (1 / 3)))
@@ -424,10 +427,17 @@ class Gaussians(Representation):
             g = near.nonzero().squeeze(1)
             if g.numel() == 0:
                 continue
-            for j in range(0, g.numel(), 4096):
-                gj = g[j : j + 4096]
-                local = torch.einsum("gji,pgj->pgi", rot[gj], q[:, None, :] - mu[gj][None]) * inv_s[gj][None]
-                wgt = op[gj][None] * torch.exp(-0.5 * (local * local).sum(-1))  # (P, G)
+            centre = (qlo + qhi) / 2
+            x, y, z = (q - centre).unbind(-1)
+            feats = torch.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z, x, y, z, torch.ones_like(x)], -1)
+            for j in range(0, g.numel(), 8192):
+                gj = g[j : j + 8192]
+                a, m = A[gj], mu[gj] - centre
+                am = (a @ m[:, :, None])[..., 0]
+                coef = torch.stack(
+                    [a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2], -2 * am[:, 0], -2 * am[:, 1], -2 * am[:, 2], (m * am).sum(-1)], 0
+                )
+                wgt = op[gj][None] * torch.exp(-0.5 * (feats @ coef).clamp_min(0))  # (P, G)
                 density[idx] += wgt.sum(1)
                 if with_color:
                     color[idx] += wgt @ rgb[gj]
