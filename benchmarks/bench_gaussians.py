@@ -32,7 +32,7 @@ def ball_scene(n: int, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
     d = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1)
     means = d * 0.5 * torch.rand(n, 1, generator=g).pow(1 / 3)
-    scales = knn_scales(means)[:, None].repeat(1, 3)
+    scales = knn_scales(means.to(device)).cpu()[:, None].repeat(1, 3)
     quats = torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=-1)
     opacities = torch.rand(n, generator=g) * 0.9 + 0.05
     colors = torch.rand(n, 3, generator=g)

@@ -325,3 +325,14 @@ def test_density_field_and_mesh_export(tmp_path):
     radius = mesh.vertices.norm(dim=-1)
     assert 0.25 < float(radius.mean()) < 0.45 and 100 < mesh.num_faces <= 400
     assert mesh.texture is not None and float(mesh.texture[..., 0].mean()) > 0.7  # red baked texture
+
+
+def test_backend_registered_for_doctor_and_gsplat_refused_on_cpu():
+    from distill3d.engine.backends import BackendUnavailable, backends_for, choose, describe
+
+    assert backends_for("gaussian_rasterize") == ["gsplat", "torch"]
+    assert choose("gaussian_rasterize", "auto", torch.device("cpu")) == "torch"
+    row = next(r for r in describe(torch.device("cpu")) if r[0] == "gaussian_rasterize")
+    assert row[1] == "torch" and dict(row[2])["gsplat"] == "gsplat needs a CUDA device"
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        make(10, rasterize_backend="gsplat")

@@ -330,7 +330,7 @@ class Gaussians(Representation):
         if done > stop:
             return
         if done > start and done % d.interval == 0:
-            self.densify_and_prune(hooks, step)
+            self.last_densify = self.densify_and_prune(hooks, step)
         if d.opacity_reset_interval > 0 and done % d.opacity_reset_interval == 0:
             self.reset_opacity(hooks)
 
@@ -451,6 +451,10 @@ class Gaussians(Representation):
 
     def density(self, points: Tensor) -> Tensor:
         return self._field(points, with_color=False)[0]
+
+    def field(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """(density, albedo), as a NeRF's field: what DMTet's seeding reads."""
+        return self._field(points)
 
     def albedo(self, points: Tensor) -> Tensor:
         return self._field(points)[1]
