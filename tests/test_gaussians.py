@@ -10,42 +10,13 @@ import torch
 
 from distill3d.engine.cameras import orbit_cameras
 from distill3d.engine.config import ConfigError
-from distill3d.engine.interfaces import BuildContext, RenderSettings
+from distill3d.engine.interfaces import BuildContext, ExportOptions, RenderSettings
+from distill3d.engine.optim import OptimizerHooks
 from distill3d.engine.recipe import resolve_recipe
 from distill3d.representations.gaussians.densify import AllGaussiansPrunedError, DensifyConfig
 from distill3d.representations.gaussians.model import Gaussians, GaussiansConfig, knn_scales
 from distill3d.representations.mesh.mesh_io import load_mesh
 from distill3d.representations.gaussians.ply import PointCloudError, read_point_cloud, read_splat_ply, write_splat_ply
-
-
-class AdamHooks:
-    """Stand-in for the trainer's OptimizerHooks (same contract) over a plain Adam."""
-
-    grad_scale = 1.0
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    def replace_parameter(self, old, new, source_rows):
-        for group in self.optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p is old:
-                    group["params"][i] = new
-                    state = self.optimizer.state.pop(old, {})
-                    fresh = {}
-                    for key, value in state.items():
-                        if torch.is_tensor(value) and value.shape == old.shape:
-                            z = value.new_zeros((source_rows.shape[0], *value.shape[1:]))
-                            m = source_rows >= 0
-                            z[m] = value[source_rows[m]]
-                            value = z
-                        fresh[key] = value
-                    self.optimizer.state[new] = fresh
-
-    def reset_state(self, param, rows=None):
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in self.optimizer.state.get(param, {}):
-                self.optimizer.state[param][key].zero_()
 
 
 def make(n=200, **kw):
@@ -122,7 +93,7 @@ def test_densify_clones_splits_prunes_and_keeps_moments():
     means_before = g.means.detach().clone()
     scales_before = g.scales.detach().clone()
     moments_before = opt.state[g.means]["exp_avg"].clone()
-    done = g.densify_and_prune(AdamHooks(opt))
+    done = g.densify_and_prune(OptimizerHooks(opt))
     # rows 0, 2 cloned; row 3 split into 2; row 5 pruned (opacity); rows 1, 4 kept
     assert done == {"cloned": 2, "split": 1, "pruned": 1, "count": 4 + 2 + 2}
     kept = [0, 1, 2, 4]
@@ -140,13 +111,13 @@ def test_densify_clones_splits_prunes_and_keeps_moments():
 def test_densify_respects_the_cap_and_all_pruned_is_an_error():
     g, opt = densify_fixture()
     g.config.densify.max_count = 7  # room for one more Gaussian: the strongest small one is cloned
-    done = g.densify_and_prune(AdamHooks(opt))
+    done = g.densify_and_prune(OptimizerHooks(opt))
     assert done["count"] <= 7 and done["split"] == 0 and done["cloned"] == 1
     with torch.no_grad():
         g.opacity_logits.fill_(-10.0)
     before = g.count
     with pytest.raises(AllGaussiansPrunedError, match="prune all"):
-        g.densify_and_prune(AdamHooks(opt))
+        g.densify_and_prune(OptimizerHooks(opt))
     assert g.count == before  # nothing changed
 
 
@@ -155,7 +126,7 @@ def test_opacity_reset_schedule_and_moments():
     opt = optimizer_for(g)
     g.render(orbit_cameras(1, 0.0, 2.5, 40.0), RenderSettings(8, 8)).rgb.sum().backward()
     opt.step()
-    hooks = AdamHooks(opt)
+    hooks = OptimizerHooks(opt)
     g.after_step(1, hooks)  # 2 steps done: nothing
     assert float(g.opacities.min()) > 0.4
     g.after_step(2, hooks)  # 3 steps done: reset
@@ -165,7 +136,7 @@ def test_opacity_reset_schedule_and_moments():
 
 def test_checkpoint_with_another_count_loads():
     g, opt = densify_fixture()
-    g.densify_and_prune(AdamHooks(opt))
+    g.densify_and_prune(OptimizerHooks(opt))
     fresh = make(6)
     fresh.load_state_dict(g.state_dict())
     assert fresh.count == g.count
@@ -182,6 +153,7 @@ def test_checkpoint_with_another_count_loads():
         ({"densify": {"stop": "150%"}}, "stop"),
         ({"densify": {"split_count": 1}}, "split_count"),
         ({"sh_degree": 4}, "sh_degree"),
+        ({"densify": {"opacity_reset_interval": 100, "opacity_reset_value": 0.01, "min_opacity": 0.02}}, "must exceed"),
         ({"init": "points"}, "init_points"),
     ],
 )
@@ -318,7 +290,7 @@ def test_density_field_and_mesh_export(tmp_path):
     brute = (g.opacities[None] * torch.exp(-0.5 * local.square().sum(-1))).sum(1)
     torch.testing.assert_close(g.density(q), brute.detach(), atol=2e-3, rtol=1e-3)  # footprint cut at alpha 1/255
     torch.testing.assert_close(g.albedo(pts[:2]), torch.tensor([[0.9, 0.1, 0.1]]).expand(2, 3), atol=1e-3, rtol=0)
-    options = type("Opts", (), {"resolution": 40, "target_faces": 400, "texture_size": 64})()
+    options = ExportOptions(resolution=40, decimate=400, texture_size=64, quiet=True)
     files = g.export("obj", tmp_path / "mesh.obj", options)
     assert (tmp_path / "mesh.obj") in files
     mesh = load_mesh(tmp_path / "mesh.obj")

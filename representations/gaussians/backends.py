@@ -61,7 +61,7 @@ def rasterize_gaussians_gsplat(means, quats, scales, opacities, features, w2c, s
     image, alpha, meta = rasterization(
         means.float(), quats.float(), scales.float(), opacities.float(), feats, viewmat, K, s.width, s.height,
         near_plane=s.near, eps2d=s.eps2d, rasterize_mode="antialiased" if s.antialiased else "classic",
-        packed=False, tile_size=s.tile_size, sh_degree=None, render_mode="RGB",
+        packed=False, tile_size=16, sh_degree=None, render_mode="RGB",
     )
     means2d = meta["means2d"]
     if means2d.requires_grad:

@@ -40,7 +40,7 @@ class DensifyConfig:
     percent_dense: float = 0.01
     scene_extent: float = 4.0  # DreamGaussian passes 4 for its camera radius 2
     split_count: int = 2
-    min_opacity: float = 0.01
+    min_opacity: float = 0.005  # 3DGS's (DreamGaussian prunes at 0.01)
     max_world_scale: float = 0.1  # fraction of scene_extent
     max_screen_fraction: float = 0.0  # 0: off; else prune Gaussians wider than this fraction of the image
     opacity_reset_interval: int = 0  # 0: never
@@ -61,6 +61,11 @@ class DensifyConfig:
             (0 < self.opacity_reset_value < 1, f"densify.opacity_reset_value must lie in (0, 1), got {self.opacity_reset_value}"),
             (self.max_count >= 1, f"densify.max_count (the cap on the number of Gaussians) must be >= 1, got {self.max_count}"),
         ]
+        checks.append((
+            self.opacity_reset_interval == 0 or self.opacity_reset_value > self.min_opacity,
+            f"densify.opacity_reset_value ({self.opacity_reset_value}) must exceed densify.min_opacity ({self.min_opacity}): "
+            "a reset would otherwise prune every Gaussian",
+        ))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -21,7 +21,6 @@ replacing the parameters through the optimiser hooks (Adam moments kept for surv
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -73,7 +72,7 @@ class GaussiansConfig:
     antialiased: bool = False  # gsplat's antialiased mode (opacity compensation of the dilation)
     eps2d: float = 0.3
     near: float = 0.01
-    tile_size: int = 16
+    tile_size: int = 8  # torch renderer's tile (a CPU speed knob; gsplat uses its own 16)
     # Mesh export (DreamGaussian): density = sum_i opacity_i exp(-d_i^2 / 2) on a grid,
     # marching cubes at this threshold.
     surface_threshold: float = 0.5
@@ -490,18 +489,19 @@ class Gaussians(Representation):
         )
 
     def export(self, fmt: str, path, options=None) -> list[Path]:
-        """"ply" writes the splats in the 3DGS layout; glb/obj the extracted mesh."""
+        """"ply" writes the splats in the 3DGS layout (what splat viewers read); glb/obj the
+        mesh extracted from the Gaussian density."""
+        from distill3d.engine.interfaces import ExportOptions
+
+        options = options or ExportOptions()
         path = Path(path)
         if fmt == "ply":
-            return [write_splat_ply(self.splats(), path)]
+            written = [write_splat_ply(self.splats(), path)]
+            options.report(f"{self.count} Gaussians (3DGS .ply, SH degree {self.config.sh_degree})")
+            return written
         if fmt not in ("glb", "obj"):
             raise UserError(f"a Gaussians run exports ply (splats), glb or obj, not {fmt!r}")
-        from distill3d.representations.mesh.mesh_io import save_mesh
-
-        mesh, _ = self.export_mesh(
-            int(getattr(options, "resolution", 128) or 128), getattr(options, "target_faces", None), int(getattr(options, "texture_size", 1024) or 1024)
-        )
-        return save_mesh(mesh, path)
+        return super().export(fmt, path, options)
 
     # ----- seeding ---------------------------------------------------------------------------
     @torch.no_grad()
