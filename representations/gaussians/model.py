@@ -126,7 +126,7 @@ class Gaussians(Representation):
     Config = GaussiansConfig
     exports: ClassVar[tuple[str, ...]] = ("ply", "glb", "obj")
     provides: ClassVar[tuple[str, ...]] = ("density_field", "surface_mesh")
-    accepts_init: ClassVar[tuple[str, ...]] = ("density_field",)
+    accepts_init: ClassVar[tuple[str, ...]] = ("density_field", "surface_mesh")
 
     def __init__(self, config: GaussiansConfig, ctx: BuildContext):
         super().__init__(config, ctx)
@@ -506,27 +506,30 @@ class Gaussians(Representation):
     # ----- seeding ---------------------------------------------------------------------------
     @torch.no_grad()
     def initialize_from(self, source, n: int | None = None) -> dict:
-        """Gaussians on the surface of a density field (a NeRF run, or another Gaussians run):
-        marching cubes at its surface threshold, n points sampled on the surface, coloured by
-        its albedo."""
-        if not hasattr(source, "density"):
-            return super().initialize_from(source)
+        """Gaussians on the surface of another run, coloured by it: a density field (a NeRF or
+        Gaussians run: marching cubes at its surface threshold) or a surface mesh (a DMTet run).
+        n points are sampled uniformly by area; colours come from its albedo (or the mesh's
+        vertex colours)."""
         from distill3d.representations.mesh.marching_cubes import extract_surface
         from distill3d.representations.mesh.mesh_io import sample_surface
 
         n = n or self.config.num_points
-        if hasattr(source, "bounds"):
-            bounds = source.bounds()
+        if hasattr(source, "density"):
+            bounds = source.bounds() if hasattr(source, "bounds") else ((-1.0,) * 3, (1.0,) * 3)
+            threshold = float(getattr(source, "surface_threshold", 0.0)) or "auto"
+            verts, faces, thr = extract_surface(source.density, bounds, 96, threshold, pad=True)
+            done = {"threshold": thr}
+        elif hasattr(source, "export_mesh"):
+            mesh, _ = source.export_mesh(128, None, 64)
+            verts, faces = mesh.vertices, mesh.faces
+            done = {"mesh_faces": int(faces.shape[0])}
         else:
-            r = float(getattr(getattr(source, "config", None), "radius", 1.0))
-            bounds = ((-r, -r, -r), (r, r, r))
-        threshold = float(getattr(source, "surface_threshold", 0.0)) or "auto"
-        verts, faces, thr = extract_surface(source.density, bounds, 96, threshold, pad=True)
+            return super().initialize_from(source)
         if faces.shape[0] == 0:
-            raise UserError("the source run has no surface at its threshold; nothing to seed the Gaussians from")
+            raise UserError("the source run has no surface; nothing to seed the Gaussians from")
         points = sample_surface(verts.float(), faces, n)
         albedo = source.albedo if hasattr(source, "albedo") else (lambda p: source.field(p)[1])
         colors = torch.cat([albedo(points[i : i + 65536]).float() for i in range(0, n, 65536)]).clamp(0, 1)
         self.set_points(points.cpu(), colors.cpu())
         self.to(self.ctx.device)
-        return {"points": n, "threshold": thr}
+        return {"points": n, **done}
