@@ -308,3 +308,25 @@ def test_backend_registered_for_doctor_and_gsplat_refused_on_cpu():
     assert row[1] == "torch" and dict(row[2])["gsplat"] == "gsplat needs a CUDA device"
     with pytest.raises(BackendUnavailable, match="CUDA"):
         make(10, rasterize_backend="gsplat")
+
+
+class MeshRun:
+    """A surface mesh source (what a DMTet run provides): the same ball as a mesh, green."""
+
+    def export_mesh(self, resolution, target_faces, texture_size):
+        from distill3d.representations.mesh.marching_cubes import extract_surface
+        from distill3d.representations.mesh.mesh_io import Mesh
+
+        verts, faces, _ = extract_surface(SphereField().density, SphereField().bounds(), 32, 1.0, pad=True)
+        return Mesh(verts, faces), None
+
+    def albedo(self, p):
+        return torch.tensor([0.1, 0.8, 0.2]).expand(p.shape[0], 3)
+
+
+def test_initialize_from_a_surface_mesh():
+    g = make(300)
+    done = g.initialize_from(MeshRun())
+    assert done["points"] == 300 and done["mesh_faces"] > 100
+    assert float((g.means.detach().norm(dim=-1) - 0.3).abs().max()) < 0.03
+    torch.testing.assert_close(g.colors().detach(), torch.tensor([[0.1, 0.8, 0.2]]).expand(300, 3), atol=1e-4, rtol=0)
