@@ -181,6 +181,12 @@ def test_splat_ply_round_trip_and_layout(tmp_path):
     np.testing.assert_allclose(table[:, 9 + 8], g.sh_rest[:, 0, 1].detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(table[:, 33], g.opacity_logits.detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(table[:, 34:37], g.log_scales.detach().numpy(), rtol=1e-6)
+    # an independent PLY reader (trimesh's) sees the same vertex table
+    import trimesh
+
+    raw = trimesh.load(path).metadata["_ply_raw"]["vertex"]["data"]
+    assert list(raw.dtype.names) == names and all(raw.dtype[n] == np.dtype("<f4") for n in names)
+    np.testing.assert_allclose(np.stack([raw["rot_0"], raw["rot_1"], raw["rot_2"], raw["rot_3"]], -1), g.quats.detach().numpy(), rtol=1e-6, atol=1e-7)
     back = read_splat_ply(path)
     assert back.sh_degree == 2
     torch.testing.assert_close(back.sh, g.sh().detach())
