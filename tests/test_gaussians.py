@@ -297,6 +297,7 @@ def test_density_field_and_mesh_export(tmp_path):
     # each Gaussian counts inside its alpha >= 1/255 footprint only (as in the renderer)
     torch.testing.assert_close(g.density(q), brute.detach(), atol=1e-2, rtol=1e-3)
     torch.testing.assert_close(g.albedo(pts[:2]), torch.tensor([[0.9, 0.1, 0.1]]).expand(2, 3), atol=1e-3, rtol=0)
+    g.config.surface_threshold = 0.5  # dense, opaque Gaussians here: the mid level sits on the ball
     options = ExportOptions(resolution=40, decimate=400, texture_size=64, quiet=True)
     files = g.export("obj", tmp_path / "mesh.obj", options)
     assert (tmp_path / "mesh.obj") in files

@@ -74,8 +74,10 @@ class GaussiansConfig:
     near: float = 0.01
     tile_size: int = 8  # torch renderer's tile (a CPU speed knob; gsplat uses its own 16)
     # Mesh export (DreamGaussian): density = sum_i opacity_i exp(-d_i^2 / 2) on a grid,
-    # marching cubes at this threshold.
-    surface_threshold: float = 0.5
+    # marching cubes at this threshold. Trained Gaussians sit about one footprint inside the
+    # surface their renders show, so the level set must be low (oracle demo GLB, 20k faces:
+    # threshold 0.5 -> mask IoU 0.79, 0.1 -> 0.78, 0.03 -> 0.82, 0.01 -> 0.86).
+    surface_threshold: float = 0.01
     export_radius: float = 1.0  # the density grid covers at most [-r, r]^3
 
     def __post_init__(self):
