@@ -463,7 +463,7 @@ def doctor():
     typer.echo(f"\nbackends on {device} (auto choice first):")
     for op, chosen, status in backends.describe(device):
         others = ", ".join(f"{name}: {'ok' if why is None else why}" for name, why in status)
-        typer.echo(f"  {op:14s} -> {chosen:8s} ({others})")
+        typer.echo(f"  {op:18s} -> {chosen:8s} ({others})")
 
 
 from distill3d.engine.cli_batch import register as register_batch_commands  # noqa: E402 - batch, report
