@@ -107,6 +107,9 @@ class ProxySeed:
         d = torch.stack([_primitive_sdf(p, (points.double() - points.new_tensor(p.center).double()) @ p.matrix()) for p in self.scene.primitives], -1)
         return self.density(points), self.scene.colors[d.argmin(-1)]
 
+    def albedo(self, points):
+        return self.field(points)[1]
+
     def export(self, smoothing: int, target_faces: int | None = None):
         from distill3d.representations.mesh.texture_bake import mesh_from_fields
 
@@ -119,9 +122,9 @@ def run_dmtet(seed_run, out: Path, overrides: list[str], steps: int | None) -> f
 
     data = load_recipe_data("oracle-dmtet", overrides + ([f"trainer.steps={steps}"] if steps is not None and not any(o.startswith("trainer.steps") for o in overrides) else []))
     if isinstance(seed_run, ProxySeed):
-        data["reference"] = str(seed_run.path)
+        data["scene"] = str(seed_run.path)
     else:
-        data["reference"] = __import__("yaml").safe_load((seed_run / "config.yaml").read_text())["reference"]
+        data["scene"] = __import__("yaml").safe_load((seed_run / "config.yaml").read_text())["scene"]
         data["init_from"] = str(seed_run)
     data["trainer"]["export"] = []  # exported below, with and without smoothing
     data["trainer"].update(video_frames=2, video_resolution=32)  # the turntable is not what is measured

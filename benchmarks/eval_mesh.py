@@ -37,7 +37,7 @@ def evaluate_mesh(run_dir: Path, mesh_path: Path | None = None, reference=None) 
     import yaml
 
     recipe = resolve_recipe(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    reference = reference if reference is not None else load_reference(recipe.reference)
+    reference = reference if reference is not None else load_reference(recipe.scene)
     mesh_path = mesh_path or run_dir / "mesh.glb"
     mesh = load_mesh(mesh_path)
     result = {"mesh": str(mesh_path)}
