@@ -1,7 +1,7 @@
 """The Janus benchmark: how often does each guidance method paint the front onto the back?
 
     python benchmarks/bench_janus.py [--quick] [--scene janus_face] [--seeds 0 1 2] [--steps N]
-                                     [--json FILE] [--gif FILE] [--out DIR]
+                                     [--json FILE] [--gif FILE] [--out DIR] [--jobs N]
 
 Every method distils the same scene (default ``janus_face``: a head with a face on +z and a green
 block on its back) into the same hash-grid NeRF with the same seeds, steps and cameras, guided by
@@ -132,6 +132,8 @@ def run_method(method: Method, scene: str, seed: int, args, root: Path, prior_ov
     start = time.perf_counter()
     for step in range(recipe.trainer.steps):
         trainer.train_step(step)
+        if args.verbose and (step + 1) % 100 == 0:
+            print(f"    {method.name} seed {seed}: step {step + 1} ({time.perf_counter() - start:.0f} s)", flush=True)
     seconds = time.perf_counter() - start
     trainer.representation.eval()
     result = score(trainer.representation, load_reference(scene), args.eval_views, args.eval_resolution)
@@ -153,13 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scene", default="janus_face")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--eval-views", type=int, default=16)
     p.add_argument("--eval-resolution", type=int, default=32)
     p.add_argument("--methods", nargs="+", default=None, help="subset of: " + ", ".join([m.name for m in METHODS] + [ZERO123]))
     p.add_argument("--set", dest="prior_set", action="append", default=[], metavar="KEY=VALUE", help="biased-oracle setting, e.g. front_bias=3")
     p.add_argument("--quick", action="store_true", help="one seed (0)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (one torch thread each)")
+    p.add_argument("--verbose", action="store_true", help="print progress every 100 steps")
     p.add_argument("--json", type=Path, default=HERE / "results" / "janus.json")
     p.add_argument("--gif", type=Path, default=None, help="write the turntable strip here (seed 0 of every method)")
     p.add_argument("--gif-frames", type=int, default=24)
@@ -186,10 +190,19 @@ def main(argv: list[str] | None = None) -> int:
         ref = load_reference(scene)
         cams = orbit_cameras(args.gif_frames, 15.0, 3.2, 42.5)
         gif_columns.append(("reference", torch.cat([ref.render(cams[i], args.gif_resolution, args.gif_resolution).rgb for i in range(args.gif_frames)])))
+    tasks = [(method, seed) for method in methods for seed in args.seeds]
+    if args.jobs > 1:  # independent runs in worker processes, one torch thread each
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            futures = {task: pool.submit(run_method, task[0], scene, task[1], args, root, prior_overrides) for task in tasks}
+            done = {task: future.result() for task, future in futures.items()}
+    else:
+        done = {task: run_method(task[0], scene, task[1], args, root, prior_overrides) for task in tasks}
     for method in methods:
         per_seed = []
         for seed in args.seeds:
-            r, frames = run_method(method, scene, seed, args, root, prior_overrides)
+            r, frames = done[(method, seed)]
             per_seed.append(r)
             if frames is not None:
                 gif_columns.append((method.name, frames))

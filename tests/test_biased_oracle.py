@@ -144,7 +144,7 @@ def image_render(param):
     return RenderOutput(rgb=rgb, opacity=torch.ones(b, h, w, 1), depth=torch.zeros(b, h, w, 1), background=torch.ones(b, h, w, 3))
 
 
-def distil_image(guidance, cam, steps=150, res=16, seed=0):
+def distil_image(guidance, cam, steps=120, res=12, seed=0):
     """SDS on a free image at one camera (the smallest 'representation'): MSE to the true and front views."""
     torch.manual_seed(seed)
     param = torch.zeros(1, res, res, 3, requires_grad=True)
@@ -161,7 +161,7 @@ def distil_image(guidance, cam, steps=150, res=16, seed=0):
     return float(((x - true) ** 2).mean()), float(((x - front) ** 2).mean())
 
 
-def sds(steps=150, **prior):
+def sds(steps=120, **prior):
     cfg = SDSConfig(prior={"name": "biased-oracle", "scene": "janus_face", **prior}, guidance_scale=1.0)
     return SDSGuidance(cfg, BuildContext(total_steps=steps))
 
@@ -172,6 +172,23 @@ def test_plain_sds_prefers_the_front_view_at_a_back_camera():
     # Without the bias the same run finds the true view: the test can tell the two apart.
     mse_true, mse_front = distil_image(sds(view_dependent_prompts=False, front_bias=-20.0), camera(180))
     assert mse_true < mse_front
+
+
+@pytest.mark.parametrize("view_words", [True, False])
+def test_conditions_carry_the_camera_bucket_as_view_words(view_words):
+    prior = BiasedOraclePrior(BiasedOracleConfig(scene="janus_face", view_dependent_prompts=view_words), BuildContext())
+    cams = make_cameras(torch.tensor([10.0, 10.0, 70.0]), torch.tensor([0.0, 170.0, 100.0]), torch.tensor([3.2] * 3), torch.tensor([42.5] * 3))
+    cond, uncond = prior.conditions(cams, image_render(torch.zeros(3, 6, 6, 3)))
+    expected = torch.zeros(3, 4)
+    if view_words:
+        expected[0, FRONT], expected[1, BACK], expected[2, 3] = 1.0, 1.0, 1.0  # front, back, overhead
+    assert torch.equal(cond["text"], expected)
+    assert cond["null"].sum() == 0 and uncond["null"].sum() == 3 and uncond["text"].abs().sum() == 0
+    means, buckets = prior._bound
+    assert means.shape == (3, len(COMPONENTS), 3, 6, 6) and buckets.tolist() == [FRONT, BACK, 3]
+    # The true view at a front camera (azimuth 0) is its canonical front view.
+    assert torch.allclose(means[0, TRUE], means[0, FRONT_VIEW])
+    assert not torch.allclose(means[1, TRUE], means[1, FRONT_VIEW])
 
 
 def test_perp_neg_runs_on_the_biased_oracle():
