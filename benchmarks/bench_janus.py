@@ -195,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(args.jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            futures = {task: pool.submit(run_method, task[0], scene, task[1], args, root, prior_overrides) for task in tasks}
-            done = {task: future.result() for task, future in futures.items()}
+            futures = {(m.name, seed): pool.submit(run_method, m, scene, seed, args, root, prior_overrides) for m, seed in tasks}
+            done = {key: future.result() for key, future in futures.items()}
     else:
-        done = {task: run_method(task[0], scene, task[1], args, root, prior_overrides) for task in tasks}
+        done = {(m.name, seed): run_method(m, scene, seed, args, root, prior_overrides) for m, seed in tasks}
     for method in methods:
         per_seed = []
         for seed in args.seeds:
-            r, frames = done[(method, seed)]
+            r, frames = done[(method.name, seed)]
             per_seed.append(r)
             if frames is not None:
                 gif_columns.append((method.name, frames))

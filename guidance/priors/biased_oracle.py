@@ -174,7 +174,7 @@ class BiasedOraclePrior(Prior):
 
     def __init__(self, config: BiasedOracleConfig, ctx: BuildContext):
         super().__init__(config, ctx)
-        source = config.scene or getattr(ctx, "scene", None) or ctx.reference or DEFAULT_SCENE
+        source = config.scene or getattr(ctx, "scene", None) or getattr(ctx, "reference", None) or DEFAULT_SCENE
         self.scene = load_reference(source)
         self.thresholds = DirectionThresholds(config.overhead_elevation, config.front_azimuth, config.back_azimuth)
         self.num_train_timesteps = config.num_train_timesteps
@@ -254,8 +254,10 @@ class BiasedOraclePrior(Prior):
         return component_logits(text, camera_direction, c.front_bias * scale, c.other_bias * scale, c.suffix_gain * scale)
 
     @torch.no_grad()
-    def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
-        """Posterior-mean eps of the mixture for each row (row i uses bound camera i mod B)."""
+    def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition, is_conditional: Tensor | None = None) -> Tensor:
+        """Posterior-mean eps of the mixture for each row (row i uses bound camera i mod B).
+
+        The unconditional rows are those whose condition has ``null`` = 1; is_conditional is not needed."""
         if self._bound is None:
             raise BiasedOracleError("biased oracle: predict_noise() before conditions()/view_conditions() bound the cameras")
         means, buckets = self._bound
