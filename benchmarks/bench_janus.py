@@ -129,6 +129,7 @@ def turntable(representation, frames: int, resolution: int) -> torch.Tensor:
 def run_method(method: Method, scene: str, seed: int, args, root: Path, prior_overrides: dict):
     recipe = recipe_for(method, scene, seed, args.steps, args.resolution, prior_overrides)
     trainer = Trainer(recipe, root / f"{method.name}-seed{seed}", quiet=True)
+    trainer.build_optimizer()
     start = time.perf_counter()
     for step in range(recipe.trainer.steps):
         trainer.train_step(step)
