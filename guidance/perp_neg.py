@@ -14,7 +14,7 @@ guidance/view_prompts.py: "stable-dreamfusion" (default) or "threestudio".
 One prior call per step holds [uncond; pos; neg_1; neg_2] for every item. Negative slots whose
 weight is zero for every item of the batch are left out of that call (they cannot change eps).
 
-The prior must implement `view_conditions(cameras) -> ViewConditions` (see view_prompts.py); the
+The prior must implement `view_conditions(cameras, out) -> ViewConditions` (see view_prompts.py); the
 Stable Diffusion and DeepFloyd IF priors do.
 """
 
@@ -122,7 +122,7 @@ class PerpNegSDSGuidance(SDSGuidance):
         )
 
     def guided_noise(self, x_t: Tensor, t: Tensor, cameras: Cameras, out: RenderOutput) -> Tensor:
-        views = self.prior.view_conditions(cameras)
+        views = self.prior.view_conditions(cameras, out)
         plan = self.plan(cameras, views.direction.cpu())
         self.last_plan = plan
         weights = plan.negative_weights

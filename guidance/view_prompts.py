@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from distill3d.engine.cameras import Cameras, wrap_azimuth
-from distill3d.engine.interfaces import Condition
+from distill3d.engine.interfaces import Condition, RenderOutput
 
 DIRECTIONS: tuple[str, ...] = ("front", "side", "back", "overhead")
 FRONT, SIDE, BACK, OVERHEAD = range(4)
@@ -187,7 +187,7 @@ class ViewConditions:
 class ViewDependentPrior(Protocol):
     """A prior usable by Perp-Neg: it exposes its per-direction text conditions."""
 
-    def view_conditions(self, cameras: Cameras) -> ViewConditions: ...
+    def view_conditions(self, cameras: Cameras, out: RenderOutput | None = None) -> ViewConditions: ...
 
 
 def mix_condition(directional: Condition, mix: Tensor) -> Condition:

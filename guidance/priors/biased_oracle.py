@@ -53,11 +53,9 @@ Conditions are ``{"text": (B, 4), "null": (B, 1)}`` float tensors, so Perp-Neg's
 four directional conditions (view_prompts.mix_condition) is a mix of view words, as with text
 embeddings. The camera-dependent part (the K component means at the render's resolution, over the
 render's own background, and c's bucket) is *bound* to the prior for the batch of cameras:
-conditions(cameras, out) binds it; Perp-Neg calls view_conditions(cameras) without the render, so
-the prior binds from the render it last encoded (SDS encodes the render just before asking for
-conditions). predict_noise maps row i of a call to camera i mod B (every guidance stacks whole
-batches: [uncond; cond] or [uncond; pos; neg_1; neg_2]). A small generic hook would remove the
-last step: Perp-Neg passing ``out`` to ``view_conditions(cameras, out)``, which this prior accepts.
+conditions(cameras, out) binds it, and so does view_conditions(cameras, out), which Perp-Neg calls
+with the render. predict_noise maps row i of a call to camera i mod B (every guidance stacks whole
+batches: [uncond; cond] or [uncond; pos; neg_1; neg_2]).
 
 Parameters (defaults chosen so plain SDS reproduces the Janus failure; see bench_janus.py)
 -------------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ class TextDiffusionPrior(Prior):
     def conditions(self, cameras: Cameras, out: RenderOutput | None = None) -> tuple[Condition, Condition]:
         return self.prompts.conditions(cameras)
 
-    def view_conditions(self, cameras: Cameras) -> ViewConditions:
+    def view_conditions(self, cameras: Cameras, out: RenderOutput | None = None) -> ViewConditions:
         return self.prompts.view_conditions(cameras)
 
     def unet_forward(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
