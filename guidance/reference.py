@@ -128,11 +128,11 @@ class ReferenceViewGuidance(Guidance):
         self.settings = RenderSettings(
             config.resolution, config.resolution, shading="albedo", background="solid", need_normals=self.use_normal, training=True
         )
-        self._target: dict[str, Tensor] | None = None
+        self._cache: dict[str, Tensor] | None = None
 
     def _targets(self, device: torch.device) -> dict[str, Tensor]:
         """rgb, alpha and (when available) depth, normal at the loss resolution, computed once."""
-        if self._target is None:
+        if self._cache is None:
             size = self.config.resolution
             depth = None
             if self.view is not None:
@@ -151,8 +151,9 @@ class ReferenceViewGuidance(Guidance):
             if depth is not None:
                 target["depth"] = depth
                 target["normal"] = normals_from_depth(depth, self.camera)
-            self._target = {k: v.to(device) for k, v in target.items()}
-        return self._target
+            self._cache = {k: v.to(device) for k, v in target.items()}
+            self._target = (self._cache["rgb"], self._cache["alpha"])
+        return self._cache
 
     def active(self, step: int) -> bool:
         return step % max(self.config.every, 1) == 0
