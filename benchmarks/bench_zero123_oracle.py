@@ -43,26 +43,29 @@ def render_input_image(scene: str, path: Path, elevation: float, distance: float
 
 
 def run(scene: str, out: Path, elevation: float, overrides: list[str]) -> dict:
-    from distill3d.engine.recipe import load_recipe
-    from distill3d.engine.trainer import Trainer
+    """What `distill3d demo --image-to-3d --scene SCENE --elevation E` runs, with the figures returned."""
+    from distill3d.engine.config import load_yaml
+    from distill3d.engine.pipeline import load_pipeline, run_pipeline
+    from distill3d.engine.recipe import recipe_path
+    from distill3d.engine.reference_scene import resolve_scene_path
 
-    data_probe = load_recipe("oracle-zero123", overrides)
-    view = data_probe.guidance[0]["reference_view"]
-    image = render_input_image(scene, out / "input.png", elevation, view["distance"], view["fovy"])
-    recipe = load_recipe(
-        "oracle-zero123",
-        [f"reference={scene}", f"guidance.0.reference_view.image={image}", f"guidance.0.reference_view.elevation={elevation}", *overrides],
-    )
+    scene_path = resolve_scene_path(Path(scene)).resolve()
+    view = load_yaml(recipe_path("oracle-zero123"))["reference_view"]
+    image = render_input_image(str(scene_path), out / "input.png", elevation, view["distance"], view["fovy"], view["size"])
+    values = {"scene": str(scene_path), "reference_view.image": str(image.resolve()), "reference_view.elevation": elevation}
+    pipeline = load_pipeline("oracle-zero123", overrides, values)
+    results = []
     start = time.perf_counter()
-    result = Trainer.create(recipe, out / "run", quiet=True).fit()
+    run_pipeline(pipeline, out / "run", lambda trainer: results.append(trainer.fit()) or results[-1], quiet=True)
     seconds = time.perf_counter() - start
+    result = results[-1]
     return {
-        "scene": scene,
+        "scene": str(scene_path),
         "psnr": round(result.eval["psnr"], 2),
         "mask_iou": round(result.eval["mask_iou"], 4),
         "per_view_psnr": [round(v["psnr"], 1) for v in result.eval["per_view"]],
         "seconds": round(seconds, 1),
-        "steps": recipe.trainer.steps,
+        "steps": pipeline.stages[0].recipe.trainer.steps,
         "run_dir": str(out / "run"),
     }
 

@@ -1,6 +1,6 @@
 """The image-to-3D input: one photo turned into the reference view the model sees.
 
-Steps (`load_reference_view`):
+Steps (`preprocess_image`, called by distill3d.engine.reference_view.load_reference_view):
   1. read the file (PNG, JPEG, WebP, ...; grey, grey+alpha, RGB or RGBA; 8 or 16 bit);
   2. matte it to straight-alpha RGBA (`matting`):
        alpha   the image's own alpha channel (the main path: a cut-out with a transparent background);
@@ -18,23 +18,19 @@ Steps (`load_reference_view`):
      `foreground_fraction: null` keeps the image's own framing (an exact render used as input);
   5. write RUN/reference.png, the RGBA the model saw.
 
-The reference camera is the orbit camera at (elevation, azimuth, distance, fovy), azimuth 0 by default
-(the front view). `ReferenceViewConfig` / `ReferenceView` are the engine's image-to-3D input types.
+The reference camera and the `ReferenceView` the plugins read (ctx.reference_view) are in
+distill3d.engine.reference_view.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill3d.engine.cameras import Cameras, make_cameras
 from distill3d.engine.errors import UserError
 
 MIN_SIZE = 32
@@ -45,57 +41,6 @@ BORDER_UNIFORM = 0.8  # share of the border ring that must match the background 
 
 class ImageInputError(UserError):
     """An input image that cannot be used; the message says why and what to give instead."""
-
-
-@dataclass
-class ReferenceViewConfig:
-    image: str | None = None  # the input image file
-    elevation: float = 0.0  # degrees; the camera of the input view
-    azimuth: float = 0.0
-    distance: float = 3.8
-    fovy: float = 20.0
-    size: int = 256  # square canvas of the preprocessed image
-    foreground_fraction: float | None = 0.8  # longer side of the object / canvas; null: keep the framing
-    matting: Literal["auto", "alpha", "border", "rembg"] = "auto"
-    # Depth of the input view: a file (.npy or a grey image; ray distance up to scale, larger = farther),
-    # "disparity:FILE" (larger = nearer, as monocular estimators write; depth = 1 / disparity), or
-    # "estimate" / "estimate:MODEL" (a transformers depth-estimation model, guidance/depth.py).
-    depth: str | None = None
-
-    def __post_init__(self):
-        if self.size < MIN_SIZE:
-            raise ValueError(f"size must be at least {MIN_SIZE}, got {self.size}")
-        if self.foreground_fraction is not None and not 0.0 < self.foreground_fraction <= 1.0:
-            raise ValueError(f"foreground_fraction must lie in (0, 1] or be null, got {self.foreground_fraction}")
-        if self.distance <= 0 or not 0 < self.fovy < 180:
-            raise ValueError(f"need distance > 0 and 0 < fovy < 180, got {self.distance} and {self.fovy}")
-
-
-@dataclass
-class ReferenceView:
-    """The preprocessed input view: straight-alpha RGBA, its camera and optional depth."""
-
-    rgba: Tensor  # (H, W, 4) in [0, 1], straight (not premultiplied) alpha
-    camera: Cameras  # batch 1
-    depth: Tensor | None = None  # (H, W) relative depth, larger = farther; meaningful where alpha > 0.5
-    config: ReferenceViewConfig | None = None
-
-    def rgb_alpha(self, size: int) -> tuple[Tensor, Tensor]:
-        """(rgb (1, s, s, 3), alpha (1, s, s, 1)) resized premultiplied (no background fringe)."""
-        rgb, alpha, _ = _resize_premultiplied(self.rgba[..., :3], self.rgba[..., 3:], size, size)
-        return rgb[None], alpha[None]
-
-    def depth_at(self, size: int) -> Tensor | None:
-        """(1, s, s, 1) depth resized like the colour, or None."""
-        if self.depth is None:
-            return None
-        depth, _, _ = _resize_premultiplied(self.depth[..., None], self.rgba[..., 3:], size, size)
-        return depth[None]
-
-    def over_white(self, size: int) -> Tensor:
-        """(1, 3, s, s) the RGB composited over white: what Zero123 was trained on."""
-        rgb, alpha = self.rgb_alpha(size)
-        return (rgb * alpha + (1 - alpha)).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,58 +257,38 @@ def disparity_to_depth(disparity: np.ndarray) -> np.ndarray:
     return 1.0 / np.maximum(disparity, 1e-3 * top)
 
 
-def load_reference_view(config: ReferenceViewConfig, run_dir: str | Path | None = None) -> ReferenceView:
-    """Read, matte, recentre and resize the input image; write RUN/reference.png (see the module docstring)."""
-    if not config.image:
-        raise ImageInputError("no input image: give one with --image FILE (recipe key reference_view.image)")
-    path = Path(config.image).expanduser()
+def preprocess_image(
+    path: Path, size: int, fraction: float | None = 0.8, matting: str = "auto", depth: str | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(rgba (size, size, 4) straight alpha, depth (size, size) or None): read, matte, attach the
+    depth map (which follows the same crop and scale), recentre (see the module docstring)."""
+    path = Path(path).expanduser()
     name = str(path)
     image = read_image(path)
-    rgba = matte(image, config.matting, name)
+    rgba = matte(image, matting, name)
     values = torch.from_numpy(np.ascontiguousarray(rgba[..., :3]))
     alpha = torch.from_numpy(np.ascontiguousarray(rgba[..., 3:]))
-    if config.depth:
-        depth = torch.from_numpy(np.ascontiguousarray(_load_depth(config.depth, image, path.parent), dtype=np.float32))
-        values = torch.cat([values, depth[..., None]], -1)
-    values, alpha = recentre(values, alpha, config.size, config.foreground_fraction, name)
+    if depth:
+        depth_map = torch.from_numpy(np.ascontiguousarray(_load_depth(depth, image, path.parent), dtype=np.float32))
+        values = torch.cat([values, depth_map[..., None]], -1)
+    values, alpha = recentre(values, alpha, size, fraction, name)
     out = torch.cat([values[..., :3].clamp(0, 1), alpha], -1).float()
-    depth_out = values[..., 3].float() if config.depth else None
-    camera = make_cameras(config.elevation, config.azimuth, config.distance, config.fovy)
-    view = ReferenceView(out, camera, depth_out, config)
-    if run_dir is not None:
-        write_reference_png(view, Path(run_dir) / "reference.png")
-    return view
+    return out, (values[..., 3].float() if depth else None)
 
 
-def write_reference_png(view: ReferenceView, path: Path) -> Path:
+def resize_depth(depth: Tensor, alpha: Tensor, size: int) -> Tensor:
+    """(1, size, size, 1) depth (H, W) resized like the colour (premultiplied by alpha (H, W))."""
+    resized, _, _ = _resize_premultiplied(depth[..., None], alpha[..., None], size, size)
+    return resized[None]
+
+
+def save_rgba(rgba: Tensor, path: Path) -> Path:
+    """RGBA (H, W, 4) in [0, 1] as an 8-bit PNG, written atomically."""
     import imageio.v3 as iio
 
     from distill3d.engine.checkpoint import atomic_path
 
-    data = (view.rgba.clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
-    with atomic_path(path) as tmp:
+    data = (rgba.detach().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    with atomic_path(Path(path)) as tmp:
         iio.imwrite(tmp, data)
-    return path
-
-
-def reference_view_for(ctx: Any, spec: Any, path: str) -> ReferenceView:
-    """The run's reference view: ctx.reference_view when the engine built it; else built once from
-    this plugin's `reference_view` mapping and kept on the context for the run's other plugins."""
-    from distill3d.engine.config import from_dict
-
-    config = None
-    if spec is not None:
-        config = spec if isinstance(spec, ReferenceViewConfig) else from_dict(ReferenceViewConfig, dict(spec), f"{path}.reference_view")
-    view = getattr(ctx, "reference_view", None)
-    if view is not None:
-        if config is not None and view.config is not None and dataclasses.asdict(config) != dataclasses.asdict(view.config):
-            raise UserError(f"{path}.reference_view differs from the run's reference view; give it once (one plugin, or the recipe)")
-        return view
-    if config is None:
-        raise UserError(
-            f"{path} needs the input view: give an image (--image FILE) or a reference_view mapping "
-            "{image: FILE, elevation: DEG, ...} in the recipe"
-        )
-    view = load_reference_view(config, getattr(ctx, "run_dir", None))
-    ctx.reference_view = view
-    return view
+    return Path(path)

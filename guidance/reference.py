@@ -3,10 +3,9 @@
 Used for image-to-3D (the input photo) and with the oracle (an exact render of a scene).
 Where the target comes from, first match wins:
   1. `image: FILE`: an RGBA image used as it is (no recentring), seen from this config's camera;
-  2. the run's reference view (ctx.reference_view, or this config's `reference_view` mapping, built
-     once by distill3d.engine.image_input: matted, recentred, with its camera and optional depth);
-  3. the run's reference scene or mesh (ctx.reference), rendered exactly from this config's camera
-     (with exact depth).
+  2. the run's reference view (ctx.reference_view, from the recipe's `reference_view:` / --image:
+     matted, recentred, with its camera and optional depth; engine/reference_view.py);
+  3. the run's scene or mesh (ctx.scene), rendered exactly from this config's camera (with exact depth).
 
 Terms (each weight a schedule, e.g. threestudio's ramps `{linear: [[0, 100], [200, 1000]]}`):
   ref_rgb     MSE of the render against the target composited over the render's background;
@@ -21,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +38,6 @@ IMAGE_SUFFIXES = (".png", ".webp", ".tif", ".tiff")
 @dataclass
 class ReferenceLossConfig:
     image: str | None = None  # an RGBA image used as is; None: the run's reference view or scene
-    # The input view (keys of distill3d.engine.image_input.ReferenceViewConfig) when the run has none.
-    reference_view: dict[str, Any] | None = None
     # Camera of `image` / of the scene reference (a reference view brings its own camera).
     elevation: float = 0.0
     azimuth: float = 0.0
@@ -98,18 +95,15 @@ class ReferenceViewGuidance(Guidance):
         self.view = None
         self.source: Path | None = None
         if config.image:
-            if config.reference_view is not None:
-                raise UserError(f"{path}: give either image (used as is) or reference_view (preprocessed), not both")
             self.source = Path(config.image)
-        elif config.reference_view is not None or getattr(ctx, "reference_view", None) is not None:
-            from distill3d.engine.image_input import reference_view_for
-
-            self.view = reference_view_for(ctx, config.reference_view, path)
-        elif ctx.reference is not None:
-            self.source = Path(ctx.reference)
+        elif ctx.reference_view is not None:
+            self.view = ctx.reference_view
+        elif ctx.scene is not None:
+            self.source = Path(ctx.scene)
         else:
             raise UserError(
-                f"{path}: the reference guidance needs an image (--image FILE, or image: FILE) or a run reference (--reference FILE)"
+                f"{path}: the reference guidance needs an input image (--image FILE, recipe key reference_view.image), "
+                "an image of its own (image: FILE) or a scene (--scene FILE)"
             )
         if self.view is not None:
             self.camera = self.view.camera
@@ -137,7 +131,10 @@ class ReferenceViewGuidance(Guidance):
             depth = None
             if self.view is not None:
                 rgb, alpha = self.view.rgb_alpha(size)
-                depth = self.view.depth_at(size)
+                if self.view.depth is not None:
+                    from distill3d.engine.image_input import resize_depth
+
+                    depth = resize_depth(self.view.depth, self.view.rgba[..., 3], size)
             elif self.source.suffix.lower() in IMAGE_SUFFIXES:
                 rgb, alpha = load_rgba(self.source, size)
             else:

@@ -9,16 +9,8 @@ import pytest
 import torch
 
 from distill3d.engine.errors import UserError
-from distill3d.engine.image_input import (
-    ImageInputError,
-    ReferenceViewConfig,
-    foreground_box,
-    load_reference_view,
-    matte,
-    read_image,
-    reference_view_for,
-)
-from distill3d.engine.interfaces import BuildContext
+from distill3d.engine.image_input import ImageInputError, foreground_box, matte
+from distill3d.engine.reference_view import ReferenceViewConfig, load_reference_view
 
 
 def rgba_object(h=80, w=120, box=(20, 60, 30, 70), color=(200, 40, 40)) -> np.ndarray:
@@ -48,7 +40,7 @@ def test_rgba_is_recentred_to_the_foreground_fraction_and_written(tmp_path):
     disk = np.zeros((90, 90, 4), np.uint8)
     disk[(yy - 45) ** 2 + (xx - 40) ** 2 < 30**2] = [200, 40, 40, 255]
     iio.imwrite(tmp_path / "disk.png", disk)
-    disk_view = load_reference_view(ReferenceViewConfig(image=str(tmp_path / "disk.png"), size=64))
+    disk_view = load_reference_view(ReferenceViewConfig(image=str(tmp_path / "disk.png"), size=64), None)
     edge = (disk_view.rgba[..., 3] > 0.05) & (disk_view.rgba[..., 3] < 0.95)
     assert bool(edge.any()) and torch.allclose(disk_view.rgba[edge][:, 0], torch.full((int(edge.sum()),), 200 / 255), atol=0.02)
     rgb, alpha = view.rgb_alpha(50)
@@ -58,7 +50,7 @@ def test_rgba_is_recentred_to_the_foreground_fraction_and_written(tmp_path):
 def test_keep_framing_pads_to_a_square_without_rescaling(tmp_path):
     path = tmp_path / "cut.png"
     iio.imwrite(path, rgba_object(h=64, w=64, box=(10, 30, 40, 60)))
-    view = load_reference_view(ReferenceViewConfig(image=str(path), size=64, foreground_fraction=None))
+    view = load_reference_view(ReferenceViewConfig(image=str(path), size=64, foreground_fraction=None), None)
     assert foreground_box(view.rgba[..., 3]) == (10, 29, 40, 59)
 
 
@@ -73,7 +65,7 @@ def test_rgb_on_a_plain_background_is_matted_by_the_border_colour(tmp_path):
     assert (alpha == truth).all()
     path = tmp_path / "photo.jpg"
     iio.imwrite(path, image, quality=95)
-    view = load_reference_view(ReferenceViewConfig(image=str(path), size=64, matting="border"))
+    view = load_reference_view(ReferenceViewConfig(image=str(path), size=64, matting="border"), None)
     top, bottom, left, right = foreground_box(view.rgba[..., 3])
     assert bottom - top + 1 == pytest.approx(51, abs=2)  # longer side (32 px) -> 0.8 * 64
 
@@ -112,11 +104,11 @@ def test_foreground_touching_every_border_and_busy_backgrounds(tmp_path):
     path = tmp_path / "full.png"
     iio.imwrite(path, image)
     with pytest.raises(ImageInputError, match="touches every border"):
-        load_reference_view(ReferenceViewConfig(image=str(path), size=64))
+        load_reference_view(ReferenceViewConfig(image=str(path), size=64), None)
     noise = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     iio.imwrite(tmp_path / "busy.png", noise)
     with pytest.raises(ImageInputError, match="not a plain colour.*rembg"):
-        load_reference_view(ReferenceViewConfig(image=str(tmp_path / "busy.png"), size=64))
+        load_reference_view(ReferenceViewConfig(image=str(tmp_path / "busy.png"), size=64), None)
     assert isinstance(ImageInputError("x"), UserError)
 
 
@@ -126,14 +118,14 @@ def test_rembg_missing_or_offline_is_a_clear_message(tmp_path, monkeypatch):
     iio.imwrite(path, image)
     monkeypatch.setitem(sys.modules, "rembg", None)  # not installed
     with pytest.raises(ImageInputError, match=r"pip install \"distill3d\[matting\]\""):
-        load_reference_view(ReferenceViewConfig(image=str(path), size=64, matting="rembg"))
+        load_reference_view(ReferenceViewConfig(image=str(path), size=64, matting="rembg"), None)
 
     def offline(_image):
         raise ConnectionError("Failed to establish a new connection")
 
     monkeypatch.setitem(sys.modules, "rembg", types.SimpleNamespace(remove=offline))
     with pytest.raises(ImageInputError, match="downloads its matting model.*offline"):
-        load_reference_view(ReferenceViewConfig(image=str(path), size=64, matting="rembg"))
+        load_reference_view(ReferenceViewConfig(image=str(path), size=64, matting="rembg"), None)
 
     def cut(pil):  # a working rembg: returns RGBA with the centre kept
         from PIL import Image
@@ -143,7 +135,7 @@ def test_rembg_missing_or_offline_is_a_clear_message(tmp_path, monkeypatch):
         return Image.fromarray(rgba, "RGBA")
 
     monkeypatch.setitem(sys.modules, "rembg", types.SimpleNamespace(remove=cut))
-    view = load_reference_view(ReferenceViewConfig(image=str(path), size=64, matting="rembg"))
+    view = load_reference_view(ReferenceViewConfig(image=str(path), size=64, matting="rembg"), None)
     assert foreground_box(view.rgba[..., 3]) == pytest.approx((6, 57, 6, 57), abs=1)
 
 
@@ -152,15 +144,15 @@ def test_depth_file_follows_the_recentring(tmp_path):
     iio.imwrite(tmp_path / "cut.png", image)
     depth = np.tile(np.linspace(1.0, 2.0, 80, dtype=np.float32), (80, 1))  # farther to the right
     np.save(tmp_path / "depth.npy", depth)
-    view = load_reference_view(ReferenceViewConfig(image=str(tmp_path / "cut.png"), size=64, depth=str(tmp_path / "depth.npy")))
+    view = load_reference_view(ReferenceViewConfig(image=str(tmp_path / "cut.png"), size=64, depth=str(tmp_path / "depth.npy")), None)
     top, bottom, left, right = foreground_box(view.rgba[..., 3])
     row = view.depth[(top + bottom) // 2, left + 1 : right]
     assert float(row[0]) == pytest.approx(1.0 + 21 / 80, abs=0.03) and float(row[-1]) == pytest.approx(1.0 + 58 / 80, abs=0.03)
     assert bool((row[1:] >= row[:-1] - 1e-5).all())
-    disp = load_reference_view(ReferenceViewConfig(image=str(tmp_path / "cut.png"), size=64, depth=f"disparity:{tmp_path / 'depth.npy'}"))
+    disp = load_reference_view(ReferenceViewConfig(image=str(tmp_path / "cut.png"), size=64, depth=f"disparity:{tmp_path / 'depth.npy'}"), None)
     assert float(disp.depth[32, left + 1]) > float(disp.depth[32, right - 1])  # larger disparity = nearer
     with pytest.raises(UserError, match="does not exist"):
-        load_reference_view(ReferenceViewConfig(image=str(tmp_path / "cut.png"), size=64, depth=str(tmp_path / "none.npy")))
+        load_reference_view(ReferenceViewConfig(image=str(tmp_path / "cut.png"), size=64, depth=str(tmp_path / "none.npy")), None)
 
 
 def test_estimated_depth_without_the_model_is_a_clear_message(tmp_path, monkeypatch):
@@ -169,17 +161,4 @@ def test_estimated_depth_without_the_model_is_a_clear_message(tmp_path, monkeypa
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserError, match="depth estimator 'Intel/dpt-hybrid-midas' is not available.*huggingface-cli download"):
-        load_reference_view(ReferenceViewConfig(image=str(tmp_path / "cut.png"), size=64, depth="estimate"))
-
-
-def test_reference_view_is_built_once_per_run_and_shared(tmp_path):
-    iio.imwrite(tmp_path / "cut.png", rgba_object(64, 64, (10, 50, 10, 50)))
-    ctx = BuildContext(run_dir=tmp_path / "run")
-    spec = {"image": str(tmp_path / "cut.png"), "size": 64}
-    first = reference_view_for(ctx, spec, "guidance.0")
-    assert reference_view_for(ctx, None, "guidance.1.prior") is first
-    with pytest.raises(UserError, match="differs from the run's reference view"):
-        reference_view_for(ctx, {**spec, "elevation": 30.0}, "guidance.1.prior")
-    with pytest.raises(UserError, match="--image FILE"):
-        reference_view_for(BuildContext(), None, "guidance.1.prior")
-    assert (tmp_path / "run" / "reference.png").exists()
+        load_reference_view(ReferenceViewConfig(image=str(tmp_path / "cut.png"), size=64, depth="estimate"), None)

@@ -24,9 +24,15 @@ def input_image(tmp_path_factory):
     return root / "input.png"
 
 
+def view(input_image, **kw):
+    from distill3d.engine.reference_view import ReferenceViewConfig, load_reference_view
+
+    return load_reference_view(ReferenceViewConfig(image=str(input_image), size=64, **kw), None)
+
+
 def oracle(input_image, elevation=20.0, azimuth=0.0) -> OracleZero123Prior:
-    view = {"image": str(input_image), "size": 64, "elevation": elevation, "azimuth": azimuth, "distance": 3.2, "fovy": 40.0}
-    return OracleZero123Prior(OracleZero123Config(scene=str(DEFAULT_SCENE), reference_view=view, noise_std=0.1), BuildContext())
+    ctx = BuildContext(scene=DEFAULT_SCENE, reference_view=view(input_image, elevation=elevation, azimuth=azimuth, distance=3.2, fovy=40.0))
+    return OracleZero123Prior(OracleZero123Config(noise_std=0.1), ctx)
 
 
 def test_it_recovers_the_target_cameras_from_the_vector_alone(input_image):
@@ -63,7 +69,7 @@ def test_predictions_are_the_exact_render_at_the_described_camera(input_image):
 def test_depth_and_normal_terms(input_image):
     view = dict(distance=3.2, fovy=40.0, elevation=10.0, resolution=32)
     cfg = ReferenceLossConfig(**view, rgb_weight=0.0, mask_weight=0.0, depth_weight={"linear": [[0, 0.0], [10, 2.0]]}, normal_weight=1.0)
-    guidance = ReferenceViewGuidance(cfg, BuildContext(reference=DEFAULT_SCENE, total_steps=20))
+    guidance = ReferenceViewGuidance(cfg, BuildContext(scene=DEFAULT_SCENE, total_steps=20))
     cams, settings = guidance.views(0)
     assert settings.need_normals
     exact = load_scene(DEFAULT_SCENE).render(cams, 32, 32, background=torch.ones(1, 32, 32, 3))
@@ -90,6 +96,5 @@ def test_depth_and_normal_terms(input_image):
 
 
 def test_depth_terms_without_depth_are_refused(input_image):
-    cfg = ReferenceLossConfig(reference_view={"image": str(input_image), "size": 64}, depth_weight=1.0)
     with pytest.raises(UserError, match="need a depth map of the input view"):
-        ReferenceViewGuidance(cfg, BuildContext())
+        ReferenceViewGuidance(ReferenceLossConfig(depth_weight=1.0), BuildContext(reference_view=view(input_image)))

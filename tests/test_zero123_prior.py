@@ -90,9 +90,14 @@ def tiny(tmp_path_factory):
     return root, folders
 
 
+def input_view(root, **kw):
+    from distill3d.engine.reference_view import ReferenceViewConfig, load_reference_view
+
+    return load_reference_view(ReferenceViewConfig(image=str(root / "input.png"), size=64, elevation=10.0, distance=3.8, fovy=20.0, **kw), None)
+
+
 def make_prior(folder, root, **kw) -> Zero123Prior:
-    view = {"image": str(root / "input.png"), "size": 64, "elevation": 10.0, "distance": 3.8, "fovy": 20.0}
-    return Zero123Prior(Zero123Config(model=str(folder), reference_view=view, **kw), BuildContext())
+    return Zero123Prior(Zero123Config(model=str(folder), **kw), BuildContext(reference_view=input_view(root)))
 
 
 def test_both_layouts_load_the_same_weights_and_predict_the_same(tiny):
@@ -200,6 +205,14 @@ def test_projection_with_wrong_weights_is_a_clear_error(tiny, tmp_path):
         make_prior(folder, root)
 
 
+def test_without_an_input_image_the_prior_says_how_to_give_one(tiny):
+    from distill3d.engine.errors import UserError
+
+    _, folders = tiny
+    with pytest.raises(UserError, match="--image FILE"):
+        Zero123Prior(Zero123Config(model=str(folders["Zero123Pipeline"])), BuildContext())
+
+
 def test_offline_hub_id_names_the_model_and_how_to_get_it(tiny, monkeypatch, tmp_path):
     root, _ = tiny
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -218,9 +231,9 @@ def test_offline_hub_id_names_the_model_and_how_to_get_it(tiny, monkeypatch, tmp
 def test_fp16_cuda_matches_the_fp32_cpu_reference(tiny):
     root, folders = tiny
     folder = folders["Zero123Pipeline"]
-    view = {"image": str(root / "input.png"), "size": 64, "elevation": 10.0}
-    cpu = Zero123Prior(Zero123Config(model=str(folder), reference_view=view), BuildContext())
-    gpu = Zero123Prior(Zero123Config(model=str(folder), reference_view=view), BuildContext(device=torch.device("cuda"), half_precision=True))
+    view = input_view(root)
+    cpu = Zero123Prior(Zero123Config(model=str(folder)), BuildContext(reference_view=view))
+    gpu = Zero123Prior(Zero123Config(model=str(folder)), BuildContext(device=torch.device("cuda"), half_precision=True, reference_view=view))
     assert gpu.dtype == torch.float16
     cams = make_cameras([0.0, 30.0], [45.0, -120.0], [3.8, 3.5], [20.0, 20.0])
     x = torch.randn(2, 4, 16, 16)

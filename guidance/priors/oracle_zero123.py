@@ -18,8 +18,6 @@ random backgrounds work.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -31,8 +29,8 @@ from distill3d.guidance.priors.zero123 import CameraVector, ReferenceCameraPrior
 
 @dataclass
 class OracleZero123Config(OracleConfig):
-    # The input view when the run has none (keys of distill3d.engine.image_input.ReferenceViewConfig).
-    reference_view: dict[str, Any] | None = None
+    # scene: null -> the run's scene (recipe `scene`, demo --scene); the input view is the run's
+    # reference_view (ctx.reference_view).
     camera_vector: CameraVector = "zero123"
     fovy: float | None = None  # field of view of every view; null: the input view's
 
@@ -42,7 +40,7 @@ class OracleZero123Prior(ReferenceCameraPrior, OraclePrior):
 
     def __init__(self, config: OracleZero123Config, ctx: BuildContext, path: str = "prior"):
         super().__init__(config, ctx)  # OraclePrior: the scene and the noise schedule
-        self.setup_reference(ctx, config.reference_view, path)
+        self.setup_reference(ctx, path)
         self.fovy = float(config.fovy if config.fovy is not None else self.reference_view.camera.fovy[0])
 
     def conditions(self, cameras: Cameras, out: RenderOutput) -> tuple[Condition, Condition]:

@@ -39,13 +39,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill3d.engine.cameras import Cameras
+from distill3d.engine.errors import UserError
 from distill3d.engine.interfaces import BuildContext, Condition, Prior, RenderOutput
 from distill3d.guidance.priors.loading import (
     Component,
@@ -66,7 +67,6 @@ from distill3d.guidance.priors.loading import (
     pick_dtype,
     resolve_model,
 )
-from distill3d.guidance.priors.stable_diffusion import _drop_frozen_state, _ignore_missing_frozen
 
 CameraVector = Literal["zero123", "stable"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -248,8 +248,6 @@ class Zero123Config:
     revision: str | None = None
     local_files_only: bool | None = None  # true: never touch the network
     camera_vector: CameraVector = "zero123"  # "stable" for Stable Zero123 (4th entry: reference polar)
-    # The input view when the run has none (keys of distill3d.engine.image_input.ReferenceViewConfig).
-    reference_view: dict[str, Any] | None = None
     half_precision: bool | None = None  # fp16 on CUDA (null: follow trainer.mixed_precision); fp32 on CPU
     attention_slicing: bool = False
     vae_slicing: bool = False
@@ -263,10 +261,13 @@ class ReferenceCameraPrior(Prior):
     for the unconditional rows; predict_noise sees nothing else about the views.
     """
 
-    def setup_reference(self, ctx: BuildContext, spec: Any, path: str) -> None:
-        from distill3d.engine.image_input import reference_view_for
-
-        self.reference_view = reference_view_for(ctx, spec, path)
+    def setup_reference(self, ctx: BuildContext, path: str) -> None:
+        """The run's input view (ctx.reference_view, built once by the trainer from `reference_view:`)."""
+        if ctx.reference_view is None:
+            raise UserError(
+                f"{path}: a view-conditioned prior needs the input image: --image FILE (recipe key reference_view.image)"
+            )
+        self.reference_view = ctx.reference_view
         cam = self.reference_view.camera
         self.ref_elevation = float(cam.elevation[0])
         self.ref_azimuth = float(cam.azimuth[0])
@@ -296,10 +297,7 @@ class Zero123Prior(ReferenceCameraPrior):
 
     def __init__(self, config: Zero123Config, ctx: BuildContext, path: str = "prior"):
         super().__init__(config, ctx)
-        register = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
-        register(_drop_frozen_state)
-        self.register_load_state_dict_post_hook(_ignore_missing_frozen)
-        self.setup_reference(ctx, config.reference_view, path)
+        self.setup_reference(ctx, path)
         self.device = torch.device(ctx.device)
         self.dtype = pick_dtype(self.device, config.half_precision, ctx.half_precision)
         index = read_model_index(config.model, config.local_files_only, config.revision)
