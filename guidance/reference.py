@@ -102,8 +102,8 @@ class ReferenceViewGuidance(Guidance):
             self.source = Path(ctx.scene)
         else:
             raise UserError(
-                f"{path}: the reference guidance needs an input image (--image FILE, recipe key reference_view.image), "
-                "an image of its own (image: FILE) or a scene (--scene FILE)"
+                f"{path}: the reference guidance needs an image: the input image (--image FILE, recipe key "
+                "reference_view.image), an image of its own (image: FILE) or a scene (--scene FILE)"
             )
         if self.view is not None:
             self.camera = self.view.camera
