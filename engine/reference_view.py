@@ -26,14 +26,16 @@ class ReferenceViewConfig:
     distance: float = 3.8
     fovy: float = 20.0
     size: int = 256  # the preprocessed square image
-    foreground_fraction: float = 0.8  # the object's longer side fills this fraction of the square
+    # the object's longer side fills this fraction of the square; null keeps the image's framing
+    # (an exact render used as input, as the oracle image-to-3D demo does)
+    foreground_fraction: float | None = 0.8
     matting: Literal["auto", "alpha", "border", "rembg"] = "auto"
     depth: str | None = None  # a depth map file, "estimate" (monocular estimator), or None
 
     def __post_init__(self):
         if self.size < 32:
             raise ValueError(f"size must be at least 32, got {self.size}")
-        if not 0.1 <= self.foreground_fraction <= 1.0:
+        if self.foreground_fraction is not None and not 0.1 <= self.foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction must lie in [0.1, 1], got {self.foreground_fraction}")
         if not (self.distance > 0 and 0 < self.fovy < 180):
             raise ValueError(f"need distance > 0 and 0 < fovy < 180, got {self.distance} and {self.fovy}")
@@ -88,12 +90,8 @@ def load_reference_view(config: ReferenceViewConfig, run_dir: Path | None) -> Re
 
     if config.image is None:
         raise UserError("reference_view.image is not set: give the input photo (distill3d generate --image FILE)")
-    rgba = preprocess_image(Path(config.image), config.size, config.foreground_fraction, config.matting)
+    # The depth map is cropped and scaled with the image, so preprocessing returns both.
+    rgba, depth = preprocess_image(Path(config.image), config.size, config.foreground_fraction, config.matting, config.depth)
     if run_dir is not None:
         save_rgba(rgba, Path(run_dir) / "reference.png")
-    depth = None
-    if config.depth is not None:
-        from distill3d.engine.image_input import load_depth
-
-        depth = load_depth(config.depth, rgba)
     return ReferenceView(rgba=rgba, camera=reference_camera(config), depth=depth, source=Path(config.image))
