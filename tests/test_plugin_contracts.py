@@ -15,8 +15,9 @@ import torch
 
 from distill3d.plugins.contract import ContractError, check_guidance, check_representation, contract_cases
 from tiny_models import build_tiny_if, build_tiny_sd
+from tiny_zero123 import build_tiny_zero123
 
-TINY_SD, TINY_IF = "<tiny-sd>", "<tiny-if>"
+TINY_SD, TINY_IF, TINY_Z123 = "<tiny-sd>", "<tiny-if>", "<tiny-zero123>"
 TINY_FIELD = {"levels": 4, "log2_table_size": 10, "max_resolution": 32, "hidden_dim": 16}
 SETTINGS = {
     "representation:nerf": {**TINY_FIELD, "samples_per_ray": 16, "occupancy": {"resolution": 16, "update_every": 2, "warmup_steps": 2}},
@@ -27,7 +28,27 @@ SETTINGS = {
     "prior:oracle": {"image_size": 32},
     "prior:stable-diffusion": {"model": TINY_SD, "local_files_only": True},
     "prior:deepfloyd-if": {"model": TINY_IF, "local_files_only": True},
+    "representation:gaussians": {"num_points": 300, "densify": {"start": 1, "interval": 2, "stop": 8}},
+    "prior:biased-oracle": {"image_size": 32},
+    "prior:oracle-zero123": {"image_size": 32},
+    "prior:zero123": {"model": TINY_Z123, "local_files_only": True, "image_size": 32},
 }
+
+
+def _reference_view():
+    """The default scene rendered from the reference camera: the input view-conditioned priors need."""
+    from distill3d.engine.reference_scene import DEFAULT_SCENE
+    from distill3d.engine.reference_view import ReferenceView, ReferenceViewConfig, reference_camera
+    from distill3d.engine.references import load_reference
+
+    camera = reference_camera(ReferenceViewConfig(size=32))
+    ref = load_reference(DEFAULT_SCENE).render(camera, 32, 32, background=torch.zeros(1, 32, 32, 3))
+    alpha = ref.opacity[0]
+    rgb = torch.where(alpha > 0, ref.rgb[0] / alpha.clamp_min(1e-6), ref.rgb[0])
+    return ReferenceView(rgba=torch.cat([rgb, alpha], -1).clamp(0, 1), camera=camera)
+
+
+CTX = {"prior:oracle-zero123": {"reference_view": _reference_view()}, "prior:zero123": {"reference_view": _reference_view()}}
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +67,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
-    return {TINY_SD: str(build_tiny_sd(root / "sd")), TINY_IF: str(build_tiny_if(root / "if"))}
+    return {TINY_SD: str(build_tiny_sd(root / "sd")), TINY_IF: str(build_tiny_if(root / "if")),
+            TINY_Z123: str(build_tiny_zero123(root / "zero123"))}
 
 
 def fill(value, models):
@@ -55,10 +77,10 @@ def fill(value, models):
     return models.get(value, value) if isinstance(value, str) else value
 
 
-@pytest.mark.parametrize("case", contract_cases(SETTINGS), ids=str)
+@pytest.mark.parametrize("case", contract_cases(SETTINGS, CTX), ids=str)
 def test_registered_plugin_meets_the_contract(case, tmp_path, request):
     case = copy.deepcopy(case)
-    if any(marker in repr(case.settings) for marker in (TINY_SD, TINY_IF)):  # build the tiny models only when asked
+    if any(marker in repr(case.settings) for marker in (TINY_SD, TINY_IF, TINY_Z123)):  # build the tiny models only when asked
         case.settings = fill(case.settings, request.getfixturevalue("tiny_models"))
     case.run(tmp_path)
 
