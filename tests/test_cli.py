@@ -101,17 +101,32 @@ def test_export_of_an_empty_surface_says_so_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == before  # no mesh file, no temporaries
 
 
-def test_export_mesh_from_a_nerf_run(tmp_path):
-    import trimesh
-
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def nerf_glb(tmp_path_factory):
+    """A 30-step demo NeRF exported to GLB through `distill3d export`: (glb path, export stdout)."""
+    out = tmp_path_factory.mktemp("nerf-export") / "run"
     code, _, err = run("demo", "--steps", "30", "--out", str(out), "--quiet", *sets(TINY))
     assert code == 0, err
     code, stdout, err = run("export", str(out), "--format", "glb", "--resolution", "48", "--texture-size", "64")
     assert code == 0, err
-    glb = out / "mesh.glb"
+    return out / "mesh.glb", stdout
+
+
+def test_export_mesh_from_a_nerf_run(nerf_glb):
+    import trimesh
+
+    glb, stdout = nerf_glb
     assert stdout.strip() == str(glb)
     mesh = trimesh.load(glb, force="mesh")
     assert len(mesh.faces) > 100
     assert mesh.visual.material.baseColorTexture is not None
-    assert not list(out.glob(".*tmp*"))
+    assert not list(glb.parent.glob(".*tmp*"))
+
+
+def test_nerf_glb_exported_through_the_cli_passes_the_gltf_validator(nerf_glb):
+    from tests.mesh_fixtures import SKIP_NO_VALIDATOR, gltf_validator, validate_gltf
+
+    if gltf_validator() is None:
+        pytest.skip(SKIP_NO_VALIDATOR)
+    report = validate_gltf(nerf_glb[0])
+    assert report["errors"] == 0 and report["warnings"] == 0, report["messages"]
