@@ -394,3 +394,17 @@ def test_checkpoints_hold_no_model_weights(sd_dir, cache_dir):
     g.load_state_dict(state)  # strict: the frozen networks are not reported missing
     g.load_state_dict({**state, **{f"prior.unet.{k}": v for k, v in g.prior.unet.state_dict().items()}})  # older checkpoints
     assert len(list(g.prior.unet.parameters())) > 0  # still a submodule: moves with .to(device)
+
+
+def test_a_run_caches_its_text_embeddings_under_DISTILL3D_CACHE(sd_dir, tmp_path, monkeypatch):
+    """The README: embeddings are cached under ~/.cache/distill3d, `DISTILL3D_CACHE` moves it."""
+    from distill3d.engine.recipe import load_recipe
+    from distill3d.engine.trainer import Trainer
+
+    monkeypatch.setenv("DISTILL3D_CACHE", str(tmp_path / "moved"))
+    recipe = load_recipe("dreamfusion-sd", [
+        f"guidance.0.prior.model={sd_dir}", "prompt=a red chair", "representation.levels=2", "representation.log2_table_size=10",
+    ])
+    Trainer.create(recipe, tmp_path / "run", quiet=True)
+    cached = list((tmp_path / "moved").rglob("*.safetensors"))
+    assert cached and all("text_embeddings" in str(p) for p in cached)
