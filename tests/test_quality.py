@@ -12,6 +12,7 @@ few seconds each on a shared 2-core CPU.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -57,6 +58,10 @@ def before_and_after(recipe_name: str, overrides: list[str], tmp_path) -> tuple[
     before = scores(trainer)
     result = trainer.fit()
     assert result.finished and result.eval is not None
+    # eval.json holds the scores of the final state (recomputed here), not of some other state.
+    written = json.loads((tmp_path / "run" / "eval.json").read_text())
+    final = scores(trainer)
+    assert written["psnr"] == pytest.approx(final["psnr"], abs=1e-4) and written["mask_iou"] == pytest.approx(final["mask_iou"], abs=1e-6)
     return before, result.eval
 
 
