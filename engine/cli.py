@@ -6,6 +6,7 @@ set DISTILL3D_DEBUG=1 to see tracebacks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -49,6 +50,13 @@ def friendly_errors(fn: Callable) -> Callable:
         except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
             sys.stderr.close()
             raise typer.Exit(0)
+        except OSError as exc:  # disk full, read-only, permission, name too long: one clear line
+            if debug:
+                raise
+            from distill3d.engine.trainer import os_error
+
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            _fail(f"{os_error(exc, 'a file operation failed' + where)}")
         except Exception as exc:  # noqa: BLE001
             if debug:
                 raise
@@ -72,15 +80,70 @@ def _default_out(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _run_and_report(trainer) -> None:
-    typer.echo(f"run directory: {trainer.run_dir}", err=True)
-    result = trainer.fit()
-    if result.interrupted:
-        typer.echo(f"stopped at step {result.completed_steps}; checkpoint written. Continue with: distill3d resume {result.run_dir}", err=True)
-        raise typer.Exit(130)
-    typer.echo(f"finished {result.completed_steps} steps in {result.seconds:.1f} s -> {result.run_dir}", err=True)
-    if result.eval is not None:
-        typer.echo(f"eval: psnr {result.eval['psnr']:.2f} dB, mask_iou {result.eval['mask_iou']:.4f}", err=True)
+def _reporter(resume_target: Path):
+    """Runs one trainer and prints what a user needs: where, how far, the figures."""
+
+    def report(trainer):
+        typer.echo(f"run directory: {trainer.run_dir}", err=True)
+        if trainer.start_step > 0:
+            if trainer.start_step >= trainer.recipe.trainer.steps:
+                typer.echo(f"{trainer.run_dir} already finished ({trainer.start_step} steps); rewriting its outputs", err=True)
+            else:
+                typer.echo(f"resuming at step {trainer.start_step}", err=True)
+        result = trainer.fit()
+        if result.interrupted:
+            typer.echo(f"stopped at step {result.completed_steps}; checkpoint written. Continue with: distill3d resume {resume_target}", err=True)
+            raise typer.Exit(130)
+        typer.echo(f"finished {result.completed_steps} steps in {result.seconds:.1f} s -> {result.run_dir}", err=True)
+        if result.eval is not None:
+            typer.echo(f"eval: psnr {result.eval['psnr']:.2f} dB, mask_iou {result.eval['mask_iou']:.4f}", err=True)
+        return result
+
+    return report
+
+
+def _run_pipeline(pipeline, out: Path, quiet: bool, init_from: Optional[Path] = None) -> None:
+    from distill3d.engine.pipeline import final_run_dir, run_pipeline
+
+    run_pipeline(pipeline, out, _reporter(out), quiet, init_from)
+    final = final_run_dir(out)
+    for fmt in ("glb", "obj", "ply"):
+        if not pipeline.single and (final / f"mesh.{fmt}").exists():
+            typer.echo(f"mesh: {final / f'mesh.{fmt}'}", err=True)
+
+
+def _demo_recipe(stages: str, image_to_3d: bool) -> str:
+    from distill3d.engine.recipe import available_recipes
+
+    names = [s.strip() for s in stages.split(",") if s.strip()]
+    base = "oracle-zero123" if image_to_3d else "oracle"
+    recipe = "-".join([base, *names]) if not (image_to_3d and names == ["nerf"]) else base
+    shipped = available_recipes()
+    if recipe not in shipped:
+        options = sorted(r[len("oracle-"):].replace("-", ",") for r in shipped if r.startswith("oracle-") and "zero123" not in r)
+        raise UserError(f"--stages {stages!r}{' with --image-to-3d' if image_to_3d else ''}: no shipped recipe {recipe!r}; stages available: {'; '.join(options)}")
+    return recipe
+
+
+def _render_input_image(scene: Path, out: Path, recipe: str, elevation: float) -> Path:
+    """The demo's image-to-3D input: the scene rendered once from the reference camera (RGBA)."""
+    import torch
+
+    from distill3d.engine.config import load_yaml
+    from distill3d.engine.recipe import recipe_path
+    from distill3d.engine.reference_view import ReferenceViewConfig, reference_camera
+    from distill3d.engine.references import load_reference
+    from distill3d.engine.image_input import save_rgba
+
+    data = load_yaml(recipe_path(recipe)).get("reference_view") or {}
+    config = ReferenceViewConfig(**{k: v for k, v in data.items() if k in ("distance", "fovy", "size")}, elevation=elevation)
+    size = config.size
+    ref = load_reference(scene).render(reference_camera(config), size, size, background=torch.zeros(1, size, size, 3))
+    alpha = ref.opacity[0]
+    rgb = torch.where(alpha > 0, ref.rgb[0] / alpha.clamp_min(1e-6), ref.rgb[0])
+    path = out / "input.png"
+    save_rgba(torch.cat([rgb, alpha], -1).clamp(0, 1), path)
+    return path
 
 
 @app.command()
@@ -88,191 +151,239 @@ def _run_and_report(trainer) -> None:
 def demo(
     scene: Optional[Path] = typer.Option(
         None, "--scene", "--reference",
-        help="The reference to distil: a scene file (JSON/YAML primitives), a mesh file (OBJ/GLB/PLY, textured or vertex-coloured) or a shipped scene name (default, two_cylinders).",
+        help="The scene to distil: a scene file (JSON/YAML primitives), a mesh file (OBJ/GLB/PLY, textured or vertex-coloured) or a shipped scene name (default, two_cylinders).",
     ),
-    steps: Optional[int] = typer.Option(None, help="Training steps (default: the recipe's)."),
+    stages: str = typer.Option("nerf", help="Representations in order, e.g. nerf | nerf,dmtet | gaussians | gaussians,mesh (a shipped oracle-... recipe)."),
+    image_to_3d: bool = typer.Option(False, "--image-to-3d", help="Render the scene once from the front into an input image, then reconstruct from that image alone (reference losses + oracle Zero123)."),
+    elevation: float = typer.Option(0.0, help="With --image-to-3d: elevation of the input view (degrees)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps of every stage (default: the recipe's)."),
     seed: int = typer.Option(0, help="Random seed."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/demo-<time>)."),
     set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable); with stages, STAGE:key.path=value for one stage."),
-    stages: str = typer.Option("nerf", help="nerf, or nerf,dmtet: NeRF coarse stage, then DMTet fine stage seeded from it, then a GLB."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
-    """Offline demo: oracle score distillation of a reference (analytic scene or mesh file) into a NeRF
-    (and with --stages nerf,dmtet a refined DMTet mesh exported as GLB), on CPU, no weights."""
+    """Offline demo: oracle score distillation of a scene (analytic or mesh) into a 3D
+    representation (and with more stages, a refined mesh exported as GLB), on CPU, no weights."""
+    from distill3d.engine.pipeline import load_pipeline
     from distill3d.engine.reference_scene import DEFAULT_SCENE, builtin_scenes, resolve_scene_path
+    from distill3d.engine.trainer import check_fresh_run_dir
 
     reference = resolve_scene_path(scene) if scene is not None else DEFAULT_SCENE
     if not reference.exists():
         raise UserError(f"scene {scene} does not exist (give a file, or a shipped scene: {', '.join(builtin_scenes())})")
-    names = [s.strip() for s in stages.split(",") if s.strip()]
-    if names not in (["nerf"], ["nerf", "dmtet"]):
-        raise UserError(f"--stages {stages!r}: use 'nerf' or 'nerf,dmtet'")
-    def prepare(name: str, data: dict) -> None:
-        data["reference"] = str(reference.resolve())
-        data["seed"] = seed
-        if steps is not None and name == "nerf":
-            data.setdefault("trainer", {})["steps"] = steps
-
-    _run_stages([(name, f"oracle-{name}") for name in names], out or _default_out("demo"), set_, prepare, quiet)
-
-
-def _stage_overrides(name: str, overrides: list[str]) -> list[str]:
-    """'--set STAGE:key=v' addresses one stage; plain overrides apply to every stage."""
-    picked = []
-    for text in overrides:
-        key = text.split("=", 1)[0]
-        if ":" not in key:
-            picked.append(text)
-        elif key.split(":", 1)[0] == name:
-            picked.append(text.split(":", 1)[1])
-    return picked
+    recipe = _demo_recipe(stages, image_to_3d)
+    out = out or _default_out("demo")
+    values = {"scene": str(reference.resolve()), "seed": seed}
+    if steps is not None:
+        values["trainer.steps"] = steps
+    pipeline = load_pipeline(recipe, set_, values)  # every stage checked before any work
+    if image_to_3d:
+        check_fresh_run_dir(out)
+        image = _render_input_image(reference, out, recipe, elevation)
+        values.update({"reference_view.image": str(image.resolve()), "reference_view.elevation": elevation})
+        pipeline = load_pipeline(recipe, set_, values)
+    _run_pipeline(pipeline, out, quiet)
 
 
-def _run_stages(stages: list[tuple[str, str]], out: Path, overrides: list[str], prepare: Callable[[str, dict], None], quiet: bool) -> None:
-    """Run recipes one after another, each seeded from the previous run (--init-from); with more
-    than one stage each gets its own run directory OUT/<stage>."""
-    from distill3d.engine.recipe import load_recipe_data, resolve_recipe
-    from distill3d.engine.trainer import Trainer
+class _CliShorthands:
+    """--model and --perp-neg as edits of each stage's recipe data (shorthands for overrides)."""
 
-    previous = None
-    for name, recipe_name in stages:
-        data = load_recipe_data(recipe_name, _stage_overrides(name, overrides))
-        prepare(name, data)
-        if previous is not None:
-            data["init_from"] = str(previous)
-        stage_out = out if len(stages) == 1 else out / name
-        _run_and_report(Trainer.create(resolve_recipe(data), stage_out, quiet))
-        previous = stage_out
-    if len(stages) > 1 and (previous / "mesh.glb").exists():
-        typer.echo(f"mesh: {previous / 'mesh.glb'}", err=True)
+    def __init__(self, models: list[str], perp_neg: bool):
+        self.named: dict[str, str] = {}
+        self.bare: Optional[str] = None
+        for text in models:
+            key, sep, value = text.partition("=")
+            if sep and key and not Path(text).exists() and "/" not in key:
+                self.named[key] = value
+            else:
+                self.bare = text
+        self.perp_neg = perp_neg
+        self.used_names: set[str] = set()
+        self.bare_targets: set[str] = set()
+        self.perp_neg_done = False
 
+    @staticmethod
+    def _model_priors(data: dict) -> list[tuple[list[str], dict]]:
+        """(names a user may call it by, spec) of every prior in the recipe that loads a model."""
+        from distill3d.plugins.registry import Registry
 
-def _apply_generate_options(data: dict, model: Optional[str], perp_neg: bool) -> None:
-    """--model and --perp-neg act on every guidance entry whose prior takes them."""
-    for entry in data.get("guidance", []):
-        if model is not None and isinstance(entry.get("prior"), dict):
-            entry["prior"]["model"] = model
-        if perp_neg:
-            if entry.get("name") != "sds":
-                raise UserError("--perp-neg needs an 'sds' guidance in the recipe")
-            entry["name"] = "sds-perp-neg"
+        found = []
+        for key, spec in (data.get("priors") or {}).items():
+            if isinstance(spec, dict):
+                found.append(([str(key), str(spec.get("name"))], spec))
+        for entry in data.get("guidance") or []:
+            spec = entry.get("prior") if isinstance(entry, dict) else None
+            if isinstance(spec, dict):
+                found.append(([str(spec.get("name"))], spec))
+        registry = Registry("prior")
+        return [(names, spec) for names, spec in found if "model" in {f.name for f in dataclasses.fields(registry.get(names[-1]).Config)}]
+
+    def __call__(self, stage: str, data: dict) -> None:
+        priors = self._model_priors(data)
+        for names, spec in priors:
+            for key, value in self.named.items():
+                if key in names:
+                    spec["model"] = value
+                    self.used_names.add(key)
+        if self.bare is not None and priors:
+            labels = {names[0] for names, _ in priors}
+            if len(priors) > 1:
+                raise UserError(f"this recipe has {len(priors)} priors that load a model ({', '.join(sorted(labels))}); say which: --model NAME=DIR")
+            priors[0][1]["model"] = self.bare
+            self.bare_targets |= labels
+        if self.perp_neg:
+            for entry in data.get("guidance") or []:
+                if isinstance(entry, dict) and entry.get("name") == "sds" and self._is_text_prior(entry.get("prior"), data):
+                    entry["name"] = "sds-perp-neg"
+                    self.perp_neg_done = True
+
+    @staticmethod
+    def _is_text_prior(spec, data: dict) -> bool:
+        from distill3d.plugins.registry import Registry
+
+        if isinstance(spec, str):
+            spec = (data.get("priors") or {}).get(spec)
+        if not isinstance(spec, dict):
+            return False
+        return hasattr(Registry("prior").get(str(spec.get("name"))), "view_conditions")
+
+    def check(self, recipe: str) -> None:
+        unused = [k for k in self.named if k not in self.used_names]
+        if unused:
+            raise UserError(f"--model {unused[0]}=...: recipe {recipe} has no prior called {unused[0]!r} (name a prior under its priors:, or its plugin name)")
+        if self.bare is not None and not self.bare_targets:
+            raise UserError(f"--model: recipe {recipe} has no prior that loads a model")
+        if self.perp_neg and not self.perp_neg_done:
+            raise UserError(f"--perp-neg needs an 'sds' guidance with a text prior (stable-diffusion, deepfloyd-if); recipe {recipe} has none")
 
 
 @app.command()
 @friendly_errors
 def generate(
-    prompt: str = typer.Argument(..., help="What to make, e.g. 'a DSLR photo of a corgi'."),
+    prompt: Optional[str] = typer.Argument(None, help="What to make, e.g. 'a DSLR photo of a corgi' (needed by recipes with a text prior)."),
     recipe: str = typer.Option("dreamfusion-sd", help="Recipe name (see `distill3d recipes`) or a .yaml path."),
+    image: Optional[Path] = typer.Option(None, help="Image-to-3D input photo (RGBA, or RGB on a plain background)."),
+    elevation: Optional[float] = typer.Option(None, help="With --image: elevation of the photo's camera in degrees (default 0)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<recipe>-<time>)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps (default: the recipe's)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps of every stage (default: the recipe's)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default: the recipe's)."),
-    model: Optional[str] = typer.Option(None, help="Diffusion model: hub id or local diffusers folder."),
+    model: List[str] = typer.Option([], help="Model of the recipe's prior: a hub id or local diffusers folder; NAME=DIR for one prior of several (e.g. sd=DIR, zero123=DIR)."),
     negative: Optional[str] = typer.Option(None, help="Negative prompt."),
     perp_neg: bool = typer.Option(False, "--perp-neg", help="Use Perp-Neg against multi-face (Janus) results."),
-    reference: Optional[Path] = typer.Option(None, help="Reference file (scene for oracle recipes)."),
+    scene: Optional[Path] = typer.Option(None, "--scene", "--reference", help="Scene (file or shipped name) for oracle recipes and evaluation."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Seed the representation from a finished run (e.g. DMTet from a NeRF run)."),
-    set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable)."),
+    set_: List[str] = typer.Option([], "--set", help="Recipe override key.path=value (repeatable); STAGE:key=value for one stage."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
-    """Text-to-3D (or any recipe): optimise a 3D representation for PROMPT."""
+    """Text-to-3D or image-to-3D (or any recipe): optimise a 3D representation for PROMPT / --image."""
     from distill3d.engine.config import load_yaml
+    from distill3d.engine.pipeline import load_pipeline
     from distill3d.engine.recipe import recipe_path
 
-    if not prompt.strip():
-        raise UserError("the prompt is empty; say what to make, e.g. distill3d generate \"a DSLR photo of a corgi\"")
+    if prompt is not None:
+        check_text(prompt, "the prompt")
+        if not prompt.strip():
+            raise UserError("the prompt is empty; say what to make, e.g. distill3d generate \"a DSLR photo of a corgi\"")
+    if negative is not None:
+        check_text(negative, "the negative prompt")
     path = recipe_path(recipe)
-    staged = load_yaml(path).get("stages")
+    values: dict = {}
+    if prompt is not None:
+        values["prompt"] = prompt
+    if negative is not None:
+        values["negative_prompt"] = negative
+    if seed is not None:
+        values["seed"] = seed
+    if steps is not None:
+        values["trainer.steps"] = steps
+    if scene is not None:
+        from distill3d.engine.reference_scene import resolve_scene_path
 
-    def prepare(name: str, data: dict) -> None:
-        data["prompt"] = prompt
-        if negative is not None:
-            data["negative_prompt"] = negative
-        if seed is not None:
-            data["seed"] = seed
-        if steps is not None:
-            data.setdefault("trainer", {})["steps"] = steps
-        if reference is not None:
-            from distill3d.engine.reference_scene import resolve_scene_path
+        values["scene"] = str(resolve_scene_path(scene))
+    if image is not None or elevation is not None:
+        data = load_yaml(path)
+        if data.get("reference_view") is None:
+            raise UserError(f"recipe {recipe} does not take an input image (it has no reference_view); use an image-to-3D recipe such as zero123, magic123 or dreamgaussian")
+        if image is None:
+            raise UserError("--elevation goes with --image (the input photo)")
+        if not image.exists():
+            raise UserError(f"image {image} does not exist")
+        values["reference_view.image"] = str(image.resolve())
+        if elevation is not None:
+            values["reference_view.elevation"] = elevation
+    shorthands = _CliShorthands(model, perp_neg)
+    pipeline = load_pipeline(str(path), set_, values, shorthands)
+    shorthands.check(recipe)
+    _run_pipeline(pipeline, out or _default_out(path.stem), quiet, init_from)
 
-            data["reference"] = str(resolve_scene_path(reference))  # a file, or a shipped scene's name
-        if init_from is not None and name == first:
-            data["init_from"] = str(init_from)
-        _apply_generate_options(data, model, perp_neg)
 
-    overrides = list(set_)
-    if staged:
-        # A staged recipe lists {name, recipe, set} stages run in order, each seeded from the last;
-        # a stage's own `set` overrides come first, so the user's --set still wins.
-        stages = [(str(st["name"]), str(st["recipe"])) for st in staged]
-        overrides = [f"{st['name']}:{text}" for st in staged for text in st.get("set", [])] + overrides
-    else:
-        stages = [("main", str(path))]
-    first = stages[0][0]
-    _run_stages(stages, out or _default_out(path.stem), overrides, prepare, quiet)
+def check_text(text: str, what: str) -> None:
+    """Prompts arrive from a shell: undecodable bytes (surrogates) are a clear error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{what} is not valid UTF-8 text (byte {exc.object[exc.start:exc.end]!r} at position {exc.start}); check the terminal's encoding") from exc
 
 
 @app.command()
 @friendly_errors
 def resume(
-    run_dir: Path = typer.Argument(..., help="Run directory to continue."),
-    set_: List[str] = typer.Option([], "--set", help="Override key.path=value for the rest of the run."),
+    run_dir: Path = typer.Argument(..., help="Run directory (or a staged run's OUT) to continue."),
+    set_: List[str] = typer.Option([], "--set", help="Override key.path=value for the rest of the run (STAGE:key=value for one stage)."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Continue an interrupted run from its last checkpoint (or redo missing outputs of a finished one)."""
-    from distill3d.engine.trainer import Trainer
+    from distill3d.engine.pipeline import resume_pipeline
 
-    trainer = Trainer.resume(run_dir, set_, quiet)
-    if trainer.start_step >= trainer.recipe.trainer.steps:
-        typer.echo(f"{run_dir} already finished ({trainer.start_step} steps); rewriting its outputs", err=True)
-        trainer.finish()
-        return
-    typer.echo(f"resuming at step {trainer.start_step}", err=True)
-    _run_and_report(trainer)
+    resume_pipeline(run_dir, set_, _reporter(run_dir), quiet)
 
 
 VIDEO_FORMATS = ("mp4", "gif")
-MESH_FORMATS = ("obj", "glb", "ply")
+KNOWN_FORMATS = ("glb", "obj", "ply", *VIDEO_FORMATS)
 
 
 @app.command()
 @friendly_errors
 def export(
-    run_dir: Path = typer.Argument(..., help="Run directory."),
-    format: str = typer.Option("glb", "--format", help="glb | obj | ply (textured mesh) or mp4 | gif (turntable)."),
-    resolution: Optional[int] = typer.Option(None, help="Mesh: marching-cubes grid. Video: frame size. Default: the recipe's (trainer.export_resolution / video_resolution)."),
+    run_dir: Path = typer.Argument(..., help="Run directory (a staged run's OUT exports its last stage)."),
+    format: str = typer.Option("glb", "--format", help="glb | obj | ply (what the representation exports; a Gaussians run writes splats to ply) or mp4 | gif (turntable)."),
+    resolution: Optional[int] = typer.Option(None, help="Mesh: surface extraction grid. Video: frame size. Default: the recipe's (trainer.export_resolution / video_resolution)."),
     decimate: Optional[int] = typer.Option(None, help="Mesh: reduce to about this many faces."),
     texture_size: Optional[int] = typer.Option(None, help="Mesh: baked albedo texture size (default: the recipe's trainer.export_texture_size)."),
     frames: Optional[int] = typer.Option(None, help="Video: turntable frames (default: the recipe's)."),
     out: Optional[Path] = typer.Option(None, help="Output file (default: RUN_DIR/mesh.<format> or RUN_DIR/turntable.<format>)."),
 ):
-    """Export a run: a textured mesh (GLB, OBJ+MTL+PNG, PLY with vertex colours) or a turntable video."""
+    """Export a run: its asset (textured mesh, or splats) or a turntable video."""
+    from distill3d.engine.interfaces import ExportOptions
+    from distill3d.engine.pipeline import final_run_dir
     from distill3d.engine.trainer import load_run
 
     fmt = format.lower()
-    if fmt not in VIDEO_FORMATS + MESH_FORMATS:
-        raise UserError(f"unknown export format {format!r}; available: {', '.join(MESH_FORMATS + VIDEO_FORMATS)}")
+    if fmt not in KNOWN_FORMATS:
+        raise UserError(f"unknown export format {format!r}; available: {', '.join(KNOWN_FORMATS)} (which ones depends on the representation)")
+    for name, value in (("--resolution", resolution), ("--decimate", decimate), ("--frames", frames)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be positive, got {value}")
+    if texture_size is not None and texture_size < 64:
+        raise UserError(f"--texture-size must be at least 64, got {texture_size}")
     # Only the representation: exporting never needs the run's diffusion model.
     recipe, representation = load_run(run_dir, purpose="export")
+    target = final_run_dir(run_dir)
+    formats = tuple(type(representation).exports) + VIDEO_FORMATS
+    if fmt not in formats:
+        raise UserError(f"unknown export format {format!r} for a {recipe.representation['name']} run; available: {', '.join(formats)}")
     tc = recipe.trainer
     if fmt in VIDEO_FORMATS:
         from distill3d.engine.cameras import CameraSampler
         from distill3d.engine.video import render_turntable, write_video
 
         images = render_turntable(representation, CameraSampler(recipe.cameras), frames or tc.video_frames, resolution or tc.video_resolution)
-        path = out or Path(run_dir) / f"turntable.{fmt}"
+        path = out or target / f"turntable.{fmt}"
         write_video(images, path, tc.video_fps)
         typer.echo(str(path))
         return
-    from distill3d.representations.mesh.mesh_io import save_mesh
-
-    mesh, info = representation.export_mesh(resolution or tc.export_resolution, decimate, texture_size or tc.export_texture_size)
-    written = save_mesh(mesh, out or Path(run_dir) / f"mesh.{fmt}")
-    typer.echo(
-        f"{info.faces_final} faces (marching cubes {info.faces_marching_cubes}, threshold {info.threshold:.3g}), "
-        f"texture {info.texture_size}^2",
-        err=True,
-    )
-    for path in written:
+    options = ExportOptions(resolution or tc.export_resolution, decimate, texture_size or tc.export_texture_size)
+    for path in representation.export(fmt, out or target / f"mesh.{fmt}", options):
         typer.echo(str(path))
 
 

@@ -1,8 +1,11 @@
 """Recipes: the typed top-level config of a run, loaded from YAML with `--set` overrides.
 
-A recipe names its representation and guidance plugins by registry name; `resolve_recipe` fills
-every plugin's config with its defaults and checks every key, so config.yaml in a run directory
-is complete and a typo fails before any work starts.
+A recipe names its representation, guidance and prior plugins by registry name; `resolve_recipe`
+fills every plugin's config with its defaults and checks every key and every capability the
+recipe relies on (export formats, what a stage is seeded from), so config.yaml in a run
+directory is complete and a mistake fails before any work starts.
+
+A recipe with `stages:` is a pipeline (engine/pipeline.py): each stage is a recipe of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from distill3d.engine.cameras import CameraSamplerConfig
 from distill3d.engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from distill3d.engine.reference_view import ReferenceViewConfig
 from distill3d.engine.schedules import Schedule, ScheduleSpec
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
@@ -41,6 +45,18 @@ class TrainerConfig:
     export: list[str] = field(default_factory=list)  # mesh formats written at the end: glb, obj, ply
     export_resolution: int = 128  # marching-cubes grid for NeRF exports
     export_texture_size: int = 1024
+    # On CPU, a turntable that would take longer than this is rendered smaller (0: never).
+    cpu_video_budget_s: float = 120.0
+
+
+@dataclass
+class StageConfig:
+    """One stage of a pipeline: a recipe run in OUT/<name>, seeded from an earlier stage."""
+
+    name: str
+    recipe: str  # shipped recipe name or a .yaml path (relative paths: next to the pipeline file)
+    set: list[str] = field(default_factory=list)  # the stage's own overrides (the user's --set wins)
+    init_from: str | None = "previous"  # "previous", another stage's name, or null
 
 
 @dataclass
@@ -50,12 +66,15 @@ class RecipeConfig:
     seed: int = 0
     prompt: str = ""
     negative_prompt: str = ""
-    reference: str | None = None  # scene/mesh/image file for the oracle, eval or image-to-3D
+    scene: str | None = None  # ground truth for oracle priors and evaluation: scene file, mesh file or shipped scene name
+    reference_view: ReferenceViewConfig | None = None  # image-to-3D input image and its camera
     init_from: str | None = None  # a finished run directory to seed the representation from (coarse-to-fine)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cameras: CameraSamplerConfig = field(default_factory=CameraSamplerConfig)
     representation: dict[str, Any] = field(default_factory=lambda: {"name": "nerf"})
+    priors: dict[str, Any] = field(default_factory=dict)  # built once, shared by name (guidance `prior: NAME`)
     guidance: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "sds"}])
+    stages: list[StageConfig] = field(default_factory=list)  # a pipeline (engine/pipeline.py)
 
 
 def available_recipes() -> list[str]:
@@ -77,36 +96,92 @@ def load_recipe_data(name_or_path: str, overrides: list[str] | None = None) -> d
     return apply_overrides(load_yaml(recipe_path(name_or_path)), overrides)
 
 
-def _resolve_plugin(kind: str, spec: Any, path: str) -> dict:
-    """{'name': ..., **all config fields with defaults}, nested plugin specs resolved too."""
+def _nested_plugin_kind(f: dataclasses.Field) -> str | None:
+    """Config fields holding another plugin: metadata {"plugin": kind}, or a field named `prior`."""
+    kind = f.metadata.get("plugin") if f.metadata else None
+    return kind or ("prior" if f.name == "prior" else None)
+
+
+def _resolve_plugin(kind: str, spec: Any, path: str, prior_names: tuple[str, ...] = ()) -> dict:
+    """{'name': ..., **all config fields with defaults}, nested plugin specs resolved too; a
+    nested prior given by name must be declared under the recipe's `priors:`."""
     from distill3d.plugins.registry import parse_plugin_spec
 
     name, _, config = parse_plugin_spec(kind, spec, path)
     resolved = {"name": name, **to_dict(config)}
     for f in dataclasses.fields(config):
-        nested_kind = f.metadata.get("plugin") if f.metadata else None
-        if nested_kind is None and f.name == "prior":
-            nested_kind = "prior"
-        if nested_kind and isinstance(resolved.get(f.name), dict):
-            resolved[f.name] = _resolve_plugin(nested_kind, resolved[f.name], f"{path}.{f.name}")
+        nested_kind = _nested_plugin_kind(f)
+        value = resolved.get(f.name)
+        if nested_kind and isinstance(value, dict):
+            resolved[f.name] = _resolve_plugin(nested_kind, value, f"{path}.{f.name}", prior_names)
+        elif nested_kind == "prior" and isinstance(value, str) and value not in prior_names:
+            known = ", ".join(prior_names) or "none declared"
+            raise ConfigError(f"{path}.{f.name}: no prior named {value!r} under the recipe's priors: ({known})")
     return resolved
 
 
+def _positive(value: float, key: str, minimum: float = 1) -> None:
+    if not value >= minimum:
+        raise ConfigError(f"{key} must be at least {minimum:g}, got {value!r}")
+
+
+def _check_trainer(tc: TrainerConfig) -> None:
+    """Ranges of the trainer settings, checked before any work starts."""
+    for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "eval_views",
+                "eval_resolution", "video_frames", "video_resolution", "video_fps", "export_resolution"):
+        _positive(getattr(tc, key), f"trainer.{key}")
+    _positive(tc.export_texture_size, "trainer.export_texture_size", 64)
+    if not tc.lr_scale > 0 or tc.lr_scale == float("inf"):
+        raise ConfigError(f"trainer.lr_scale must be a positive number, got {tc.lr_scale!r}")
+    if not all(0 <= b < 1 for b in tc.betas):
+        raise ConfigError(f"trainer.betas must lie in [0, 1), got {list(tc.betas)}")
+    if tc.threads < 0:
+        raise ConfigError(f"trainer.threads must be 0 (torch's default) or positive, got {tc.threads}")
+    resolution = Schedule.parse(tc.resolution, "trainer.resolution").resolve(tc.steps)
+    low = min(v for _, v in resolution.points)
+    if low < 8 or any(v != int(v) for _, v in resolution.points):
+        raise ConfigError(f"trainer.resolution must be whole numbers of at least 8 pixels, got {tc.resolution!r}")
+    bad = [f for f in tc.export if f not in ("glb", "obj", "ply")]
+    if bad:
+        raise ConfigError(f"trainer.export: unknown format {bad[0]!r}; use glb, obj or ply")
+
+
+def check_capabilities(recipe: RecipeConfig, source_representation: str | None = None) -> None:
+    """What the recipe relies on must be something its representation can do: the export formats,
+    and being seeded from `source_representation` (a registry name) when it has one."""
+    from distill3d.plugins.registry import Registry
+
+    registry = Registry("representation")
+    name = recipe.representation["name"]
+    cls = registry.get(name)
+    missing = [f for f in recipe.trainer.export if f not in cls.exports]
+    if missing:
+        can = ", ".join(cls.exports) or "nothing"
+        raise ConfigError(f"trainer.export: representation {name!r} cannot export {missing[0]!r} (it exports: {can})")
+    if source_representation is not None:
+        source = registry.get(source_representation)
+        if not set(cls.accepts_init) & set(source.provides):
+            raise ConfigError(
+                f"init_from: representation {name!r} cannot be seeded from a {source_representation!r} run "
+                f"({name} accepts {', '.join(cls.accepts_init) or 'nothing'}; {source_representation} provides "
+                f"{', '.join(source.provides) or 'nothing'})"
+            )
+
+
 def resolve_recipe(data: dict) -> RecipeConfig:
-    """Typed recipe with every plugin config checked and filled with defaults."""
+    """Typed recipe with every plugin config checked and filled with defaults (not a pipeline:
+    see engine/pipeline.py for recipes with stages)."""
     recipe = from_dict(RecipeConfig, copy.deepcopy(data), "")
+    if recipe.stages:
+        raise ConfigError(f"{recipe.name}: a recipe with stages is a pipeline; load it with engine.pipeline.load_pipeline")
     recipe.representation = _resolve_plugin("representation", recipe.representation, "representation")
+    recipe.priors = {str(k): _resolve_plugin("prior", v, f"priors.{k}") for k, v in recipe.priors.items()}
+    names = tuple(recipe.priors)
     if not isinstance(recipe.guidance, list) or not recipe.guidance:
         raise ConfigError("guidance: expected a non-empty list of guidance entries")
-    recipe.guidance = [_resolve_plugin("guidance", g, f"guidance.{i}") for i, g in enumerate(recipe.guidance)]
-    Schedule.parse(recipe.trainer.resolution, "trainer.resolution").resolve(recipe.trainer.steps)
-    if recipe.trainer.steps <= 0:
-        raise ConfigError(f"trainer.steps must be positive, got {recipe.trainer.steps}")
-    bad = [f for f in recipe.trainer.export if f not in ("glb", "obj", "ply")]
-    if bad:
-        raise ConfigError(f"trainer.export: unknown mesh format {bad[0]!r}; use glb, obj or ply")
-    if recipe.trainer.batch_size <= 0:
-        raise ConfigError(f"trainer.batch_size must be positive, got {recipe.trainer.batch_size}")
+    recipe.guidance = [_resolve_plugin("guidance", g, f"guidance.{i}", names) for i, g in enumerate(recipe.guidance)]
+    _check_trainer(recipe.trainer)
+    check_capabilities(recipe)
     return recipe
 
 

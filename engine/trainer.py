@@ -1,11 +1,13 @@
-"""The optimisation loop. It sees only the Representation / Guidance protocols.
+"""The optimisation loop. It sees only the Representation / Guidance / Prior protocols.
 
 Run directory layout:
   config.yaml       the fully resolved recipe
   metrics.jsonl     one JSON object per logged step
   checkpoints/      step_XXXXXXX.pt, written atomically, newest `keep_checkpoints` kept
-  eval.json         PSNR and mask IoU against the exact reference (runs with a reference scene)
-  turntable.mp4/.gif
+  reference.png     the preprocessed input image (image-to-3D runs)
+  eval.json         PSNR and mask IoU against the exact scene (runs with a scene)
+  turntable.mp4/.gif, mesh.<fmt>
+  status.json       written last: the run finished and its outputs are complete
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from distill3d.engine.checkpoint import (
 from distill3d.engine.config import to_dict
 from distill3d.engine.errors import NonFiniteLossError, UserError
 from distill3d.engine.interfaces import BuildContext, RenderSettings
+from distill3d.engine.optim import OptimizerHooks, apply_learning_rates, build_optimizer
 from distill3d.engine.recipe import RecipeConfig, resolve_recipe
 from distill3d.engine.schedules import Schedule
 from distill3d.plugins.registry import build_plugin
@@ -48,17 +51,43 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+STATUS_FILE = "status.json"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "pipeline.yaml")
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Whether a run trained all its steps and wrote its outputs (status.json says so)."""
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text()).get("state") == "finished"
+    except (OSError, ValueError):
+        return False
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A new run never writes over another run's files."""
+    run_dir = Path(run_dir)
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found:
+        raise UserError(
+            f"{run_dir} already holds a run ({', '.join(found)}); continue it with `distill3d resume {run_dir}` or pick another --out"
+        )
+
+
 def load_run(run_dir: Path, purpose: str = "--init-from"):
-    """(recipe, representation at the latest checkpoint) of a finished run, without building its
-    guidance: no diffusion model is loaded just to read a NeRF. `purpose` starts the error messages."""
-    config_path = Path(run_dir) / "config.yaml"
+    """(recipe, representation at the latest checkpoint) of a run, without building its guidance:
+    no diffusion model is loaded just to read a NeRF. A pipeline directory means its last stage.
+    `purpose` starts the error messages."""
+    from distill3d.engine.pipeline import final_run_dir
+
+    run_dir = final_run_dir(Path(run_dir))
+    config_path = run_dir / "config.yaml"
     if not config_path.exists():
         raise UserError(f"{purpose} {run_dir}: not a run directory (no config.yaml)")
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise UserError(f"{purpose} {run_dir}: the run has no checkpoint yet")
     recipe = resolve_recipe(yaml.safe_load(config_path.read_text()))
-    ctx = BuildContext(device=pick_device(recipe.trainer.device), total_steps=recipe.trainer.steps)
+    ctx = BuildContext(device=pick_device(recipe.trainer.device), total_steps=recipe.trainer.steps, cache_dir=_cache_dir())
     representation = build_plugin("representation", recipe.representation, ctx, "representation")
     state = load_checkpoint(ckpt, ctx.device)
     representation.load_state_dict(state["representation"])
@@ -71,6 +100,10 @@ def load_run_representation(run_dir: Path):
     return load_run(run_dir)[1]
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL3D_CACHE", Path.home() / ".cache" / "distill3d"))
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -81,7 +114,15 @@ class RunResult:
     seconds: float
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class Trainer:
+    """One run: builds the plugins from a resolved recipe, restores state, trains, writes outputs.
+
+    Order matters for plugins whose parameter shapes change: the representation's state is
+    restored (shapes included) before the optimizer is built from its declared groups."""
+
     def __init__(self, recipe: RecipeConfig, run_dir: Path, quiet: bool = False):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
@@ -91,9 +132,18 @@ class Trainer:
             torch.set_num_threads(tc.threads)
         self.device = pick_device(tc.device)
         seed_everything(recipe.seed)
-        reference = Path(recipe.reference) if recipe.reference else None
-        if reference is not None and not reference.exists():
-            raise UserError(f"reference file {reference} does not exist")
+        scene = None
+        if recipe.scene:
+            from distill3d.engine.reference_scene import resolve_scene_path
+
+            scene = resolve_scene_path(recipe.scene)
+            if not scene.exists():
+                raise UserError(f"scene {recipe.scene} does not exist (give a scene or mesh file, or a shipped scene name)")
+        reference_view = None
+        if recipe.reference_view is not None and recipe.reference_view.image is not None:
+            from distill3d.engine.reference_view import load_reference_view
+
+            reference_view = load_reference_view(recipe.reference_view, self.run_dir)
         self.ctx = BuildContext(
             device=self.device,
             seed=recipe.seed,
@@ -101,9 +151,11 @@ class Trainer:
             prompt=recipe.prompt,
             negative_prompt=recipe.negative_prompt,
             run_dir=self.run_dir,
-            cache_dir=Path(os.environ.get("DISTILL3D_CACHE", Path.home() / ".cache" / "distill3d")),
-            reference=reference,
+            cache_dir=_cache_dir(),
+            scene=scene,
+            reference_view=reference_view,
             half_precision=self.device.type == "cuda" and tc.mixed_precision,
+            prior_specs=dict(recipe.priors),
         )
         self.representation = build_plugin("representation", recipe.representation, self.ctx, "representation")
         self.guidance = torch.nn.ModuleList(
@@ -111,17 +163,26 @@ class Trainer:
         ).to(self.device)
         self.sampler = CameraSampler(recipe.cameras)
         self.resolution = Schedule.parse(tc.resolution, "trainer.resolution").resolve(tc.steps)
-        groups = self.representation.param_groups()
-        trainable_guidance = [p for p in self.guidance.parameters() if p.requires_grad]
-        if trainable_guidance:
-            groups.append({"name": "guidance", "params": trainable_guidance, "lr": 1e-3})
-        for g in groups:
-            g["lr"] = g.get("lr", 1e-3) * tc.lr_scale
-        self.optimizer = torch.optim.Adam(groups, betas=tc.betas)
         self.use_amp = self.device.type == "cuda" and tc.mixed_precision
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_schedules = []
         self.start_step = 0
         self._stop_requested = False
+
+    # ----- optimisation set-up --------------------------------------------------------------
+    def declared_groups(self) -> list[dict]:
+        """Every trainable group: the representation's, each guidance's and each shared prior's."""
+        groups = list(self.representation.param_groups())
+        for i, guidance in enumerate(self.guidance):
+            groups += [{**g, "name": f"guidance.{i}.{g.get('name', 'params')}"} for g in guidance.param_groups()]
+        for key, prior in self.ctx.priors.items():
+            groups += [{**g, "name": f"prior.{key}.{g.get('name', 'params')}"} for g in prior.param_groups()]
+        return groups
+
+    def build_optimizer(self) -> None:
+        tc = self.recipe.trainer
+        self.optimizer, self.lr_schedules = build_optimizer(self.declared_groups(), tc.steps, tc.betas, tc.lr_scale)
 
     # ----- run directory ------------------------------------------------------------------
     @property
@@ -135,21 +196,29 @@ class Trainer:
     @classmethod
     def create(cls, recipe: RecipeConfig, run_dir: Path, quiet: bool = False) -> "Trainer":
         run_dir = Path(run_dir)
-        if latest_checkpoint(run_dir / "checkpoints") is not None:
-            raise UserError(f"{run_dir} already holds a run; continue it with `distill3d resume {run_dir}` or pick another --out")
-        source = load_run_representation(Path(recipe.init_from)) if recipe.init_from else None
+        check_fresh_run_dir(run_dir)
+        source = None
+        if recipe.init_from:
+            from distill3d.engine.recipe import check_capabilities
+
+            source_recipe, source = load_run(Path(recipe.init_from))
+            check_capabilities(recipe, source_recipe.representation["name"])
         run_dir.mkdir(parents=True, exist_ok=True)
         trainer = cls(recipe, run_dir, quiet)
         if source is not None:
             done = trainer.representation.initialize_from(source)
             if not quiet:
                 print(f"initialised from {recipe.init_from}: {done}", file=sys.stderr)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        trainer.build_optimizer()
+        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
         trainer.metrics_path.unlink(missing_ok=True)
         return trainer
 
     @classmethod
     def resume(cls, run_dir: Path, overrides: list[str] | None = None, quiet: bool = False) -> "Trainer":
+        """Continue from the newest checkpoint. Overrides (`resume --set`) are checked against the
+        checkpoint before config.yaml is rewritten: a change the checkpoint cannot take (another
+        NeRF size) is refused and the run stays as it was."""
         from distill3d.engine.config import apply_overrides
 
         run_dir = Path(run_dir)
@@ -158,20 +227,37 @@ class Trainer:
             raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
         recipe = resolve_recipe(apply_overrides(yaml.safe_load(config_path.read_text()), overrides))
         trainer = cls(recipe, run_dir, quiet)
-        if overrides:
-            atomic_write_text(config_path, yaml.safe_dump(to_dict(recipe), sort_keys=False))
         ckpt = latest_checkpoint(trainer.checkpoint_dir)
-        if ckpt is not None:
-            trainer.load(ckpt)
+        try:
+            if ckpt is not None:
+                trainer.load(ckpt)
+            else:
+                trainer.build_optimizer()
+        except (RuntimeError, ValueError, KeyError) as exc:
+            if not overrides:
+                raise
+            raise UserError(
+                f"the changed settings ({', '.join(overrides)}) do not fit the run's checkpoint {ckpt}: "
+                f"{str(exc).splitlines()[0]}; nothing was changed, the run resumes as it was without them"
+            ) from exc
+        if overrides:
+            write_text(config_path, yaml.safe_dump(to_dict(recipe), sort_keys=False))
         trainer._truncate_metrics(trainer.start_step)
         return trainer
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines past the checkpoint so a resumed run logs each step once."""
+        """Drop metric lines past the checkpoint so a resumed run logs each step once; a torn last
+        line (a kill mid-write) is dropped too."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     # ----- checkpoints --------------------------------------------------------------------
     def save(self, step: int) -> Path:
@@ -179,16 +265,24 @@ class Trainer:
             "representation": self.representation.state_dict(),
             "representation_extra": self.representation.extra_state(),
             "guidance": self.guidance.state_dict(),
+            "priors": {key: prior.state_dict() for key, prior in self.ctx.priors.items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-        return save_checkpoint(self.checkpoint_dir, step, payload, keep=self.recipe.trainer.keep_checkpoints)
+        try:
+            return save_checkpoint(self.checkpoint_dir, step, payload, keep=self.recipe.trainer.keep_checkpoints)
+        except OSError as exc:
+            raise os_error(exc, f"writing a checkpoint of {self.run_dir}") from exc
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.device)
         self.representation.load_state_dict(state["representation"])
         self.representation.load_extra_state(state.get("representation_extra", {}))
         self.guidance.load_state_dict(state["guidance"])
+        for key, prior_state in state.get("priors", {}).items():
+            if key in self.ctx.priors:
+                self.ctx.priors[key].load_state_dict(prior_state)
+        self.build_optimizer()  # after the representation has its stored parameter shapes
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -196,7 +290,7 @@ class Trainer:
 
     # ----- the loop -----------------------------------------------------------------------
     def _request_stop(self, signum, frame) -> None:
-        if self._stop_requested:  # a second Ctrl-C stops at once
+        if self._stop_requested and signum == signal.SIGINT:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self._stop_requested = True
 
@@ -204,6 +298,7 @@ class Trainer:
         tc = self.recipe.trainer
         self.representation.train()
         self.representation.update(step)
+        apply_learning_rates(self.optimizer, self.lr_schedules, step, tc.lr_scale, tc.betas)
         cameras = self.sampler.sample(tc.batch_size, step).to(self.device)
         res = int(round(self.resolution(step)))
         amp = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else nullcontext()
@@ -233,22 +328,27 @@ class Trainer:
                 f"Lower the learning rate (`distill3d resume {self.run_dir} --set trainer.lr_scale=0.5`) or the guidance scale and resume."
             )
         self.optimizer.zero_grad(set_to_none=True)
+        if not total.requires_grad:  # e.g. every ray missed the object: nothing to learn this step
+            return {"loss": float(total.detach()), "resolution": res, "skipped": 1.0, **self.representation.stats()}
         self.scaler.scale(total).backward()
-        self.representation.after_backward(step, out, self.optimizer)
+        if self.use_amp:
+            self.scaler.unscale_(self.optimizer)
+        hooks = OptimizerHooks(self.optimizer, float(self.scaler.get_scale()) if self.use_amp else 1.0)
+        self.representation.after_backward(step, out, hooks)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.representation.after_step(step, hooks)
         logged = {"loss": float(total.detach())}
         logged.update({k: float(v.detach()) for k, v in losses.items()})
         logged["resolution"] = res
-        if "occupied_fraction" in out.extras:
-            logged["occupied_fraction"] = float(out.extras["occupied_fraction"])
+        logged.update(self.representation.stats())
         return logged
 
     def fit(self) -> RunResult:
         tc = self.recipe.trainer
         started = time.perf_counter()
         interrupted = False
-        previous = signal.signal(signal.SIGINT, self._request_stop)
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
         progress = _Progress(tc.steps, self.start_step, self.quiet)
         step = self.start_step
         try:
@@ -262,46 +362,98 @@ class Trainer:
                         now = time.perf_counter()
                         rate = (step - last_step) / max(now - last_time, 1e-9)
                         last_time, last_step = now, step
-                        metrics.write(json.dumps({"step": step, "steps_per_s": round(rate, 3), **logged}) + "\n")
-                        metrics.flush()
+                        try:
+                            metrics.write(json.dumps({"step": step, "steps_per_s": round(rate, 3), **logged}) + "\n")
+                            metrics.flush()
+                        except OSError as exc:
+                            raise os_error(exc, f"writing {self.metrics_path}") from exc
                     if self._stop_requested:
                         interrupted = True
                         break
                     if step % tc.checkpoint_every == 0 and step < tc.steps:
                         self.save(step)
+            self.save(step)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             progress.close()
-        self.save(step)
         finished = step >= tc.steps
         result_eval = self.finish() if finished else None
         return RunResult(self.run_dir, step, finished, interrupted, result_eval, time.perf_counter() - started)
 
     # ----- outputs ------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
     def finish(self) -> dict | None:
-        """Evaluation against the reference (if any) and the turntable video."""
+        """After the last step: evaluation against the scene (if any), the turntable video and the
+        exports, each phase announced with its cost; then status.json marks the run finished."""
         from distill3d.engine.evaluation import evaluate_against_reference
         from distill3d.engine.video import write_turntable
 
         tc = self.recipe.trainer
         self.representation.eval()
         result = None
-        if self.ctx.reference is not None:
-            result = evaluate_against_reference(self.representation, self.ctx.reference, self.sampler, tc.eval_views, tc.eval_resolution)
-            atomic_write_text(self.run_dir / "eval.json", json.dumps(result, indent=2))
-        write_turntable(self.representation, self.sampler, self.run_dir, tc.video_frames, tc.video_resolution, tc.video_fps, ("mp4", "gif"))
+        if self.ctx.scene is not None:
+            t0 = time.perf_counter()
+            self._say(f"evaluating {tc.eval_views} views at {tc.eval_resolution}x{tc.eval_resolution} ...")
+            result = evaluate_against_reference(self.representation, self.ctx.scene, self.sampler, tc.eval_views, tc.eval_resolution)
+            write_text(self.run_dir / "eval.json", json.dumps(result, indent=2))
+            self._say(f"evaluation: psnr {result['psnr']:.2f} dB, mask_iou {result['mask_iou']:.4f} ({time.perf_counter() - t0:.1f} s)")
+        frames, resolution = video_budget(self, tc.video_frames, tc.video_resolution)
+        t0 = time.perf_counter()
+        self._say(f"turntable: {frames} frames at {resolution}x{resolution} ...")
+        write_turntable(self.representation, self.sampler, self.run_dir, frames, resolution, tc.video_fps, ("mp4", "gif"))
+        self._say(f"turntable written ({time.perf_counter() - t0:.1f} s)")
+        exported = []
         if tc.export:
+            from distill3d.engine.interfaces import ExportOptions
             from distill3d.representations.mesh.marching_cubes import EmptySurfaceError
-            from distill3d.representations.mesh.mesh_io import save_mesh
 
-            try:
-                mesh, _ = self.representation.export_mesh(tc.export_resolution, None, tc.export_texture_size)
-            except EmptySurfaceError as exc:  # the run itself is fine: say so, write nothing
-                print(f"no mesh exported: {exc}", file=sys.stderr)
-                return result
+            options = ExportOptions(tc.export_resolution, None, tc.export_texture_size, quiet=self.quiet)
             for fmt in tc.export:
-                save_mesh(mesh, self.run_dir / f"mesh.{fmt}")
+                t0 = time.perf_counter()
+                self._say(f"exporting {fmt} (surface grid {tc.export_resolution}, texture {tc.export_texture_size}) ...")
+                try:
+                    exported += [str(p) for p in self.representation.export(fmt, self.run_dir / f"mesh.{fmt}", options)]
+                except EmptySurfaceError as exc:  # the run itself is fine: say so, write nothing
+                    self._say(f"no mesh exported: {exc}")
+                    break
+                self._say(f"exported {fmt} ({time.perf_counter() - t0:.1f} s)")
+        status = {"state": "finished", "steps": tc.steps, "eval": None if result is None else {k: result[k] for k in ("psnr", "mask_iou")}, "exported": exported}
+        write_text(self.run_dir / STATUS_FILE, json.dumps(status, indent=2))
         return result
+
+
+def video_budget(trainer: Trainer, frames: int, resolution: int) -> tuple[int, int]:
+    """On CPU a recipe's GPU-sized turntable (120 frames at 512) takes far too long: time one
+    frame, and if the whole video would exceed trainer.cpu_video_budget_s, render fewer, smaller
+    frames and say so (with the settings that keep the recipe's size)."""
+    budget = trainer.recipe.trainer.cpu_video_budget_s
+    if trainer.device.type != "cpu" or budget <= 0:
+        return frames, resolution
+    from distill3d.engine.video import render_turntable
+
+    probe = min(resolution, 64)
+    t0 = time.perf_counter()
+    render_turntable(trainer.representation, trainer.sampler, 1, probe)
+    per_pixel = (time.perf_counter() - t0) / probe**2
+    estimate = per_pixel * resolution**2 * frames
+    if estimate <= budget:
+        return frames, resolution
+    new_frames, new_res = frames, resolution
+    while per_pixel * new_res**2 * new_frames > budget and (new_res > 128 or new_frames > 40):
+        if new_res > 128:
+            new_res = max(128, new_res // 2)
+        else:
+            new_frames = max(40, new_frames // 2)
+    trainer._say(
+        f"warning: a {frames}-frame turntable at {resolution}x{resolution} would take about {estimate / 60:.0f} min on this CPU; "
+        f"rendering {new_frames} frames at {new_res}x{new_res} instead. Keep the recipe's size with "
+        f"--set trainer.cpu_video_budget_s=0, or render it later with `distill3d export {trainer.run_dir} --format mp4`."
+    )
+    return new_frames, new_res
 
 
 class _Progress:
@@ -340,3 +492,24 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write with OS errors (disk full, read-only, name too long) as one clear line."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise os_error(exc, f"writing {path}") from exc
+
+
+def os_error(exc: OSError, doing: str) -> UserError:
+    import errno
+
+    hints = {
+        errno.ENOSPC: "the disk is full: free some space, then `distill3d resume` continues from the last checkpoint",
+        errno.EROFS: "the file system is read-only: pick another --out",
+        errno.EACCES: "permission denied: pick a folder you can write to",
+        errno.ENAMETOOLONG: "the file name is too long: pick a shorter --out",
+    }
+    hint = hints.get(exc.errno, exc.strerror or str(exc))
+    return UserError(f"{doing}: {hint}")

@@ -64,9 +64,9 @@ class ReferenceViewGuidance(Guidance):
 
     def __init__(self, config: ReferenceViewConfig, ctx: BuildContext, path: str = "guidance"):
         super().__init__(config, ctx)
-        source = Path(config.image) if config.image else ctx.reference
+        source = Path(config.image) if config.image else ctx.scene
         if source is None:
-            raise UserError(f"{path}: the reference guidance needs an image (image: FILE) or a run reference (--reference FILE)")
+            raise UserError(f"{path}: the reference guidance needs an image (image: FILE) or a run reference (--scene FILE)")
         self.camera = make_cameras(config.elevation, config.azimuth, config.distance, config.fovy)
         self.settings = RenderSettings(config.resolution, config.resolution, shading="albedo", background="solid", training=True)
         self.source = Path(source)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from distill3d.engine.cameras import Cameras
-from distill3d.engine.interfaces import BuildContext, Guidance, RenderOutput, cat_conditions
+from distill3d.engine.interfaces import BuildContext, Guidance, RenderOutput, build_prior, cat_conditions
 from distill3d.engine.schedules import Schedule, ScheduleSpec
 from distill3d.guidance.timesteps import (
     TimestepConfig,
@@ -25,12 +25,12 @@ from distill3d.guidance.timesteps import (
     sds_loss_from_grad,
     sds_weight,
 )
-from distill3d.plugins.registry import build_plugin
 
 
 @dataclass
 class SDSConfig:
-    prior: dict[str, Any] = field(default_factory=lambda: {"name": "oracle"})
+    # A prior declared under the recipe's `priors:` (by name, shared) or an inline plugin mapping.
+    prior: str | dict[str, Any] = field(default_factory=lambda: {"name": "oracle"})
     weight: ScheduleSpec = 1.0
     guidance_scale: float = 100.0  # diffusers convention: 1.0 is the plain conditional model
     weighting: Weighting = "sds"
@@ -43,7 +43,7 @@ class SDSGuidance(Guidance):
 
     def __init__(self, config: SDSConfig, ctx: BuildContext, path: str = "guidance"):
         super().__init__(config, ctx)
-        self.prior = build_plugin("prior", config.prior, ctx, f"{path}.prior")
+        self.prior = build_prior(ctx, config.prior, f"{path}.prior")
         total = ctx.total_steps
         self.weight = Schedule.parse(config.weight, f"{path}.weight").resolve(total)
         self.grad_clip = None if config.grad_clip is None else Schedule.parse(config.grad_clip, f"{path}.grad_clip").resolve(total)
@@ -56,7 +56,7 @@ class SDSGuidance(Guidance):
         return classifier_free_guidance(eps_uncond, eps_cond, self.config.guidance_scale)
 
     def sds_grad(self, latents: Tensor, cameras: Cameras, out: RenderOutput, step: int) -> Tensor:
-        """w(t) (eps_hat - eps) on the latents, clipped and made finite."""
+        """w(t) (eps_hat - eps) on the latents, clipped; isolated non-finite entries are zeroed."""
         prior = self.prior
         b = latents.shape[0]
         t = sample_timesteps(self.config.timesteps, b, step, self.ctx.total_steps, prior.num_train_timesteps, latents.device)
@@ -69,7 +69,12 @@ class SDSGuidance(Guidance):
             if self.grad_clip is not None:
                 c = self.grad_clip(step)
                 grad = grad.clamp(-c, c)
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            finite = torch.isfinite(grad)
+            if not bool(finite.any()):
+                # Nothing usable (a prior that overflowed): keep it non-finite so the loss is NaN
+                # and the trainer stops the run, instead of a silent zero loss.
+                return grad
+            grad = torch.where(finite, grad, torch.zeros_like(grad))
         return grad
 
     def forward(self, out: RenderOutput, cameras: Cameras, step: int) -> dict[str, Tensor]:

@@ -116,7 +116,7 @@ class DeepFloydIFPrior(TextDiffusionPrior):
         x = rgb if tuple(rgb.shape[-2:]) == size else F.interpolate(rgb, size, mode="bilinear", align_corners=False)
         return x.float() * 2 - 1
 
-    def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
+    def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition, is_conditional: Tensor | None = None) -> Tensor:
         out = self.unet_forward(x_t, t, condition)
         noise = out[:, : self.image_channels]
         return model_output_to_epsilon(noise, x_t.to(noise.device), t, self.alphas_cumprod, self.prediction_type)

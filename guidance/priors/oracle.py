@@ -55,7 +55,7 @@ from distill3d.engine.references import load_reference
 
 @dataclass
 class OracleConfig:
-    # Scene file (JSON/YAML) or built-in scene name; None: the run's reference (ctx.reference)
+    # Scene file (JSON/YAML) or built-in scene name; None: the run's scene (recipe `scene`)
     # if set, else the default scene.
     scene: str | None = None
     noise_std: float = 0.1  # s: std of the data distribution around the exact render, in [-1, 1] units
@@ -93,8 +93,8 @@ class OraclePrior(Prior):
         super().__init__(config, ctx)
         if config.scene is not None:
             source: str | Path = config.scene
-        elif ctx.reference is not None:
-            source = ctx.reference
+        elif ctx.scene is not None:
+            source = ctx.scene
         else:
             source = DEFAULT_SCENE
         # Any reference with an exact render: analytic scene file or mesh file.
@@ -134,7 +134,7 @@ class OraclePrior(Prior):
         return {"mean": mean}, {"mean": torch.full_like(mean, gray)}
 
     @torch.no_grad()
-    def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
+    def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition, is_conditional: Tensor | None = None) -> Tensor:
         """eps_hat = sqrt(1 - abar_t) (x_t - sqrt(abar_t) mu) / (abar_t s^2 + 1 - abar_t)."""
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1)
         abar = self.alphas_cumprod[t.to(self.alphas_cumprod.device)].to(x_t.device, x_t.dtype)

@@ -125,44 +125,17 @@ class StableDiffusionConfig(TextPriorConfig):
     rgb_as_latents: bool = False  # the render is the latent (resized to the latent size, mapped to [-1, 1])
 
 
-def _frozen_names(prior: "TextDiffusionPrior") -> set[str]:
-    names = set()
-    for net in prior.FROZEN:
-        module = getattr(prior, net, None)
-        if isinstance(module, torch.nn.Module):
-            names.update(f"{net}.{k}" for k in module.state_dict(keep_vars=True))
-    return names
-
-
-def _drop_frozen_state(module, state_dict, prefix, local_metadata):
-    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0] in module.FROZEN]:
-        del state_dict[key]
-
-
-def _ignore_missing_frozen(module, incompatible_keys):
-    frozen = _frozen_names(module)
-    missing = incompatible_keys.missing_keys
-    for key in list(missing):
-        parts = key.split(".")
-        if any(".".join(parts[i:]) in frozen for i in range(len(parts))):
-            missing.remove(key)
-
-
 class TextDiffusionPrior(Prior):
     """What the diffusers text-to-image priors share: prompts, embeddings, noise schedule."""
 
     layout: ModelLayout
     label = "text"
     condition_key = "encoder_hidden_states"
-    # Frozen pretrained networks: moved with the prior (.to) but kept out of its state_dict, so
-    # run checkpoints hold no copy of the model weights (reloaded from the model on resume).
+    # Pretrained networks stay out of checkpoints (Prior.FROZEN; reloaded from the model on resume).
     FROZEN = ("unet", "vae")
 
     def __init__(self, config: TextPriorConfig, ctx: BuildContext):
         super().__init__(config, ctx)
-        register = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
-        register(_drop_frozen_state)
-        self.register_load_state_dict_post_hook(_ignore_missing_frozen)
         prompt = check_prompt(config.prompt if config.prompt is not None else ctx.prompt, self.layout.kind)
         negative = config.negative_prompt if config.negative_prompt is not None else (ctx.negative_prompt or "")
         self.device = torch.device(ctx.device)
@@ -321,6 +294,6 @@ class StableDiffusionPrior(TextDiffusionPrior):
             latents = posterior.sample() * self.scaling_factor
         return latents.float()
 
-    def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition) -> Tensor:
+    def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition, is_conditional: Tensor | None = None) -> Tensor:
         out = self.unet_forward(x_t, t, condition)
         return model_output_to_epsilon(out, x_t.to(out.device), t, self.alphas_cumprod, self.prediction_type)

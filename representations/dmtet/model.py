@@ -29,26 +29,20 @@ from distill3d.representations.dmtet.tet_grid import tet_grid
 from distill3d.representations.mesh.cavities import DEFAULT_CLOSE_GAPS, fill_cavities
 from distill3d.representations.mesh.mesh_io import sample_surface, vertex_normals
 from distill3d.representations.mesh.rasterizer import antialias, face_adjacency, interpolate, project, rasterize
-from distill3d.representations.nerf.hash_encoding import HashEncoding, HashEncodingConfig, per_level_scale_for
-from distill3d.representations.nerf.model import mlp
+from distill3d.representations.fields import HashGridSettings, hash_grid, mlp
 from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
 
 __all__ = ["DMTet", "DMTetConfig", "normal_consistency", "uniform_laplacian"]
 
 
 @dataclass
-class DMTetConfig:
+class DMTetConfig(HashGridSettings):  # the hash-grid settings are those of the colour field
     grid_resolution: int = 128  # cells per side of the tet grid (6 N^3 tetrahedra)
     radius: float = 1.0  # the grid covers [-radius, radius]^3
     # Maximum vertex displacement in grid spacings: tanh(delta) * scale * 2 radius / N.
     deformation_scale: float = 0.5
     init_sphere_radius: float = 0.5  # default shape: sdf = r - |x|
     # Colour field (hash encoding + MLP -> albedo).
-    levels: int = 16
-    features_per_level: int = 2
-    log2_table_size: int = 19
-    base_resolution: int = 16
-    max_resolution: int = 2048
     hidden_dim: int = 64
     hidden_layers: int = 2
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
@@ -61,7 +55,6 @@ class DMTetConfig:
     # Regularisers (weights may be scheduled; Magic3D uses normal consistency up to 1e4).
     normal_consistency_weight: ScheduleSpec = 0.0
     laplacian_weight: ScheduleSpec = 0.0
-    hash_encoding_backend: str = "auto"
     rasterize_backend: str = "auto"
     near: float = 0.01
     far: float = 100.0
@@ -100,6 +93,9 @@ def uniform_laplacian(vertices: Tensor, faces: Tensor) -> Tensor:
 
 class DMTet(Representation):
     Config = DMTetConfig
+    exports = ("glb", "obj", "ply")
+    provides = ("surface_mesh",)
+    accepts_init = ("density_field",)
 
     def __init__(self, config: DMTetConfig, ctx: BuildContext):
         super().__init__(config, ctx)
@@ -111,14 +107,7 @@ class DMTet(Representation):
         self.register_buffer("tets", tets, persistent=False)
         self.sdf = nn.Parameter(torch.zeros(verts.shape[0]))
         self.deformation = nn.Parameter(torch.zeros(verts.shape[0], 3))
-        enc = HashEncodingConfig(
-            levels=c.levels,
-            features=c.features_per_level,
-            log2_table_size=c.log2_table_size,
-            base_resolution=c.base_resolution,
-            per_level_scale=per_level_scale_for(c.base_resolution, c.max_resolution, c.levels),
-        )
-        self.encoding = HashEncoding(enc, backend=c.hash_encoding_backend)
+        self.encoding = hash_grid(c)
         self.color_net = mlp(self.encoding.output_dim, c.hidden_dim, c.hidden_layers, 3)
         self.background = Background(c.background)
         total = ctx.total_steps
@@ -192,15 +181,13 @@ class DMTet(Representation):
         renders put it (its surface_threshold), the SDF normalised by that threshold and clamped to
         [-1, 1] so the SDF learning rate means the same for every source; then, if the source has
         a colour field, the albedo is fitted to it at points on the new surface (inherited texture)."""
-        if not hasattr(source, "density"):
-            return super().initialize_from(source)
-        threshold = float(getattr(source, "surface_threshold", 0.0)) or "auto"
+        threshold = float(source.surface_threshold) or "auto"
         if threshold == "auto":
             threshold = self.init_from_density(source.density, "auto")
         self.init_from_density(lambda p: source.density(p) / threshold, 1.0, clamp=1.0)
         done = {"threshold": threshold}
-        if hasattr(source, "field") and texture_steps > 0:
-            done["texture_mse"] = self._fit_albedo(lambda p: source.field(p)[1], texture_steps)
+        if texture_steps > 0:
+            done["texture_mse"] = self._fit_albedo(source.albedo, texture_steps)
         return done
 
     def _fit_albedo(self, target_fn: Callable[[Tensor], Tensor], steps: int, points_per_step: int = 1 << 14) -> float:

@@ -21,20 +21,10 @@ from distill3d.engine.cameras import Cameras, pixel_rays
 from distill3d.engine.interfaces import BuildContext, RenderOutput, RenderSettings, Representation
 from distill3d.engine.schedules import Schedule, ScheduleSpec
 from distill3d.representations.background import Background, BackgroundConfig
-from distill3d.representations.nerf.hash_encoding import HashEncoding, HashEncodingConfig, per_level_scale_for
+from distill3d.representations.fields import HashGridSettings, hash_grid, mlp
 from distill3d.representations.nerf.occupancy import OccupancyConfig, OccupancyGrid
 from distill3d.representations.nerf.rendering import Samples, ray_sphere_bounds
 from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
-
-
-def mlp(in_dim: int, hidden: int, hidden_layers: int, out_dim: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    width = in_dim
-    for _ in range(hidden_layers):
-        layers += [nn.Linear(width, hidden), nn.ReLU(inplace=True)]
-        width = hidden
-    layers.append(nn.Linear(width, out_dim))
-    return nn.Sequential(*layers)
 
 
 class TruncExp(torch.autograd.Function):
@@ -52,14 +42,8 @@ class TruncExp(torch.autograd.Function):
 
 
 @dataclass
-class NeRFConfig:
+class NeRFConfig(HashGridSettings):
     radius: float = 1.0  # bounding sphere of the scene
-    # Hash encoding (Instant-NGP defaults: 16 levels x 2, 2^19, 16 -> 2048).
-    levels: int = 16
-    features_per_level: int = 2
-    log2_table_size: int = 19
-    base_resolution: int = 16
-    max_resolution: int = 2048
     # Density MLP: encoding -> (density, geometry features); colour MLP: features -> albedo.
     hidden_dim: int = 64
     hidden_layers: int = 2
@@ -85,7 +69,6 @@ class NeRFConfig:
     orientation_weight: ScheduleSpec = 0.0
     opacity_weight: ScheduleSpec = 0.0
     # Kernel backends: "auto" or a backend name (see `distill3d doctor`).
-    hash_encoding_backend: str = "auto"
     composite_backend: str = "auto"
     march_backend: str = "auto"
     chunk_rays: int = 1 << 15  # rays per chunk when rendering without gradients
@@ -93,6 +76,8 @@ class NeRFConfig:
 
 class HashGridNeRF(Representation):
     Config = NeRFConfig
+    exports = ("glb", "obj", "ply")
+    provides = ("density_field",)
 
     def __init__(self, config: NeRFConfig, ctx: BuildContext):
         super().__init__(config, ctx)
@@ -100,14 +85,7 @@ class HashGridNeRF(Representation):
         # A forced backend that cannot run here is an error now, not at the first step.
         for op, backend in (("hash_encoding", config.hash_encoding_backend), ("composite", config.composite_backend), ("march", config.march_backend)):
             choose(op, backend, ctx.device)
-        enc = HashEncodingConfig(
-            levels=config.levels,
-            features=config.features_per_level,
-            log2_table_size=config.log2_table_size,
-            base_resolution=config.base_resolution,
-            per_level_scale=per_level_scale_for(config.base_resolution, config.max_resolution, config.levels),
-        )
-        self.encoding = HashEncoding(enc, backend=config.hash_encoding_backend)
+        self.encoding = hash_grid(config)
         self.density_net = mlp(self.encoding.output_dim, config.hidden_dim, config.hidden_layers, 1 + config.geo_features)
         self.color_net = mlp(config.geo_features, config.color_hidden_dim, config.color_hidden_layers, 3)
         self.occupancy = OccupancyGrid(config.occupancy, config.radius)
@@ -202,7 +180,7 @@ class HashGridNeRF(Representation):
         depth = torch.cat([x.depth for x in chunks]).view(b, h, w, 1)
         normal = torch.cat([x.normal for x in chunks]).view(b, h, w, 3) if chunks[0].normal is not None else None
         rgb = rgb + (1 - opacity) * background
-        extras = {"shading": mode, "occupied_fraction": self.occupancy.occupied_fraction() if self.occupancy.active() else 1.0}
+        extras = {"shading": mode}
         if orientation is not None:
             extras["orientation"] = orientation
         return RenderOutput(rgb=rgb, opacity=opacity, depth=depth, background=background, normal=normal, extras=extras)
@@ -212,6 +190,17 @@ class HashGridNeRF(Representation):
         """sum_i w_i max(0, n_i . d)^2 averaged over rays: normals must not face away from the camera."""
         facing = (normals * dirs[samples.ray_indices]).sum(-1).clamp_min(0) ** 2
         return (weights.detach() * facing).sum() / max(samples.n_rays, 1)
+
+    def stats(self) -> dict[str, float]:
+        return {"occupied_fraction": float(self.occupancy.occupied_fraction()) if self.occupancy.active() else 1.0}
+
+    def albedo(self, points: Tensor) -> Tensor:
+        """Albedo (P, 3) at world points: the "density_field" capability with density()."""
+        return self.field(points)[1]
+
+    def bounds(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        r = self.config.radius
+        return (-r, -r, -r), (r, r, r)
 
     # ----- export ------------------------------------------------------------------------
     @property
@@ -228,9 +217,8 @@ class HashGridNeRF(Representation):
         decimation, xatlas UV unwrap and a baked albedo texture."""
         from distill3d.representations.mesh.texture_bake import mesh_from_fields
 
-        r = self.config.radius
         return mesh_from_fields(
-            self.density, lambda p: self.field(p)[1], bounds=((-r, -r, -r), (r, r, r)), resolution=resolution,
+            self.density, self.albedo, bounds=self.bounds(), resolution=resolution,
             threshold=self.surface_threshold, target_faces=target_faces, texture_size=texture_size,
         )
 

@@ -69,6 +69,10 @@ class OccupancyGrid(nn.Module):
         if c.dilate > 0:
             k = 2 * c.dilate + 1
             occupied = F.max_pool3d(occupied[None, None].float(), k, stride=1, padding=c.dilate)[0, 0] > 0
+        if not bool(occupied.any()):
+            # A collapsed field (no cell above the threshold) would leave no samples at all and
+            # nothing to train: treat every cell as occupied until the density grows back.
+            occupied.fill_(True)
         self.occupied.copy_(occupied)
         self.initialized.fill_(True)
 

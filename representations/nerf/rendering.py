@@ -48,6 +48,8 @@ def ray_sphere_bounds(origins: Tensor, dirs: Tensor, radius: float, min_near: fl
 
 def exclusive_segment_cumsum(values: Tensor, ray_indices: Tensor, n_rays: int) -> Tensor:
     """sum_{j<i, same ray} values_j for sorted packed samples (float64 to avoid cancellation)."""
+    if values.numel() == 0:  # no sample on any ray (everything empty-space skipped)
+        return values
     v = values.double()
     total = torch.cumsum(v, 0)
     exclusive = total - v
