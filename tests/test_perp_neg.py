@@ -115,7 +115,7 @@ class KnownViewPrior(Prior):
 @pytest.fixture
 def known_prior(monkeypatch):
     prior = KnownViewPrior()
-    monkeypatch.setattr(sds_module, "build_plugin", lambda kind, spec, ctx, path: prior)
+    monkeypatch.setattr(sds_module, "build_prior", lambda ctx, spec, path: prior)
     return prior
 
 
@@ -201,7 +201,7 @@ def test_rejects_prior_without_view_conditions(monkeypatch):
         def __init__(self):
             nn.Module.__init__(self)
 
-    monkeypatch.setattr(sds_module, "build_plugin", lambda kind, spec, ctx, path: Plain())
+    monkeypatch.setattr(sds_module, "build_prior", lambda ctx, spec, path: Plain())
     with pytest.raises(ConfigError, match="view-dependent"):
         PerpNegSDSGuidance(PerpNegSDSConfig(prior={"name": "oracle"}), BuildContext())
 
