@@ -53,10 +53,10 @@ def friendly_errors(fn: Callable) -> Callable:
         except OSError as exc:  # disk full, read-only, permission, name too long: one clear line
             if debug:
                 raise
-            from distill3d.engine.trainer import os_error
+            from distill3d.engine.checkpoint import describe_os_error
 
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            _fail(f"{os_error(exc, 'a file operation failed' + where)}")
+            message = describe_os_error(exc)
+            _fail(message or _describe_unexpected(exc), 2 if message else 1)
         except Exception as exc:  # noqa: BLE001
             if debug:
                 raise
@@ -112,17 +112,22 @@ def _run_pipeline(pipeline, out: Path, quiet: bool, init_from: Optional[Path] = 
             typer.echo(f"mesh: {final / f'mesh.{fmt}'}", err=True)
 
 
+DEMO_STAGES = {
+    "nerf": "oracle-nerf", "nerf,dmtet": "oracle-nerf-dmtet",
+    "gaussians": "oracle-gaussians", "gaussians,mesh": "oracle-gaussians-mesh",
+}
+IMAGE_TO_3D_STAGES = {"nerf": "oracle-zero123", "gaussians": "oracle-zero123-gaussians"}
+
+
 def _demo_recipe(stages: str, image_to_3d: bool) -> str:
+    """The shipped oracle recipe (or pipeline) that `demo --stages` names."""
     from distill3d.engine.recipe import available_recipes
 
-    names = [s.strip() for s in stages.split(",") if s.strip()]
-    base = "oracle-zero123" if image_to_3d else "oracle"
-    recipe = "-".join([base, *names]) if not (image_to_3d and names == ["nerf"]) else base
-    shipped = available_recipes()
-    if recipe not in shipped:
-        options = sorted(r[len("oracle-"):].replace("-", ",") for r in shipped if r.startswith("oracle-") and "zero123" not in r)
-        raise UserError(f"--stages {stages!r}{' with --image-to-3d' if image_to_3d else ''}: no shipped recipe {recipe!r}; stages available: {'; '.join(options)}")
-    return recipe
+    key = ",".join(s.strip() for s in stages.split(",") if s.strip())
+    table = {k: v for k, v in (IMAGE_TO_3D_STAGES if image_to_3d else DEMO_STAGES).items() if v in available_recipes()}
+    if key not in table:
+        raise UserError(f"--stages {stages!r}{' with --image-to-3d' if image_to_3d else ''}: use one of {' | '.join(table)}")
+    return table[key]
 
 
 def _render_input_image(scene: Path, out: Path, recipe: str, elevation: float) -> Path:
@@ -276,16 +281,16 @@ def generate(
     quiet: bool = typer.Option(False, help="No progress output."),
 ):
     """Text-to-3D or image-to-3D (or any recipe): optimise a 3D representation for PROMPT / --image."""
-    from distill3d.engine.config import load_yaml
+    from distill3d.engine.config import load_yaml, validate_prompt
     from distill3d.engine.pipeline import load_pipeline
     from distill3d.engine.recipe import recipe_path
 
     if prompt is not None:
-        check_text(prompt, "the prompt")
+        validate_prompt(prompt, "the prompt")
         if not prompt.strip():
             raise UserError("the prompt is empty; say what to make, e.g. distill3d generate \"a DSLR photo of a corgi\"")
     if negative is not None:
-        check_text(negative, "the negative prompt")
+        validate_prompt(negative, "the negative prompt")
     path = recipe_path(recipe)
     values: dict = {}
     if prompt is not None:
@@ -315,14 +320,6 @@ def generate(
     pipeline = load_pipeline(str(path), set_, values, shorthands)
     shorthands.check(recipe)
     _run_pipeline(pipeline, out or _default_out(path.stem), quiet, init_from)
-
-
-def check_text(text: str, what: str) -> None:
-    """Prompts arrive from a shell: undecodable bytes (surrogates) are a clear error."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise UserError(f"{what} is not valid UTF-8 text (byte {exc.object[exc.start:exc.end]!r} at position {exc.start}); check the terminal's encoding") from exc
 
 
 @app.command()
@@ -401,17 +398,43 @@ def recipes():
 
 @app.command()
 @friendly_errors
-def plugins():
-    """List registered plugins, the distribution providing each, and whether it loads."""
-    from distill3d.plugins.registry import GROUPS, Registry
+def plugins(
+    show: Optional[str] = typer.Option(None, "--show", metavar="NAME", help="Print one plugin's settings: every config key with its type and default."),
+):
+    """List registered plugins, the distribution providing each, and whether it loads (exit 1 if any fails)."""
+    from distill3d.plugins.registry import GROUPS, Registry, show_plugin
 
+    if show is not None:
+        for line in show_plugin(show):
+            typer.echo(line)
+        return
+    failed = 0
     for kind, group in GROUPS.items():
         typer.echo(f"{kind} ({group}):")
         registry = Registry(kind)
         for info in registry.infos():
             problem = registry.check(info.name)
+            failed += problem is not None
             status = "ok" if problem is None else f"FAILED: {problem}"
             typer.echo(f"  {info.name:20s} {info.distribution:20s} {info.value}  [{status}]")
+    from importlib.metadata import entry_points
+
+    from distill3d.engine.config import ConfigError
+    from distill3d.guidance.timesteps import WEIGHTING_GROUP, get_weighting
+
+    typer.echo(f"SDS weighting ({WEIGHTING_GROUP}):")
+    for ep in sorted({(ep.name, ep.value): ep for ep in entry_points(group=WEIGHTING_GROUP)}.values(), key=lambda e: e.name):
+        try:
+            get_weighting(ep.name)
+            status = "ok"
+        except ConfigError as exc:
+            failed += 1
+            status = f"FAILED: {exc}"
+        dist = getattr(getattr(ep, "dist", None), "name", None) or "unknown distribution"
+        typer.echo(f"  {ep.name:20s} {dist:20s} {ep.value}  [{status}]")
+    if failed:
+        typer.secho(f"error: {failed} plugin(s) FAILED to load (see above)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -440,7 +463,11 @@ def doctor():
     typer.echo(f"\nbackends on {device} (auto choice first):")
     for op, chosen, status in backends.describe(device):
         others = ", ".join(f"{name}: {'ok' if why is None else why}" for name, why in status)
-        typer.echo(f"  {op:14s} -> {chosen:8s} ({others})")
+        typer.echo(f"  {op:18s} -> {chosen:8s} ({others})")
+
+
+from distill3d.engine.cli_batch import register as register_batch_commands  # noqa: E402 - batch, report
+register_batch_commands(app, friendly_errors)
 
 
 def main() -> None:

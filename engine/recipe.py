@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distill3d.engine.cameras import CameraSamplerConfig
-from distill3d.engine.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from distill3d.engine.config import ConfigError, apply_overrides, bounded, from_dict, load_yaml, to_dict
 from distill3d.engine.reference_view import ReferenceViewConfig
 from distill3d.engine.schedules import Schedule, ScheduleSpec
 
@@ -26,27 +26,27 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 
 @dataclass
 class TrainerConfig:
-    steps: int = 10000
-    batch_size: int = 1
-    resolution: ScheduleSpec = 64  # render size; may be scheduled (e.g. 128 -> 256 -> 512)
-    lr_scale: float = 1.0  # multiplies every parameter group's learning rate
-    betas: tuple[float, float] = (0.9, 0.99)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    eval_views: int = 8
-    eval_resolution: int = 64
-    video_frames: int = 60
-    video_resolution: int = 128
-    video_fps: int = 20
+    steps: int = bounded(10000, min=1)
+    batch_size: int = bounded(1, min=1)
+    resolution: ScheduleSpec = bounded(64, min=8, max=4096)  # render size; may be scheduled (e.g. 128 -> 256 -> 512)
+    lr_scale: float = bounded(1.0, gt=0)  # multiplies every parameter group's learning rate
+    betas: tuple[float, float] = bounded((0.9, 0.99), min=0.0, max=0.9999)
+    checkpoint_every: int = bounded(500, min=1)
+    keep_checkpoints: int = bounded(2, min=1)
+    log_every: int = bounded(10, min=1)
+    eval_views: int = bounded(8, min=1)
+    eval_resolution: int = bounded(64, min=8, max=4096)
+    video_frames: int = bounded(60, min=1)
+    video_resolution: int = bounded(128, min=8, max=4096)
+    video_fps: int = bounded(20, min=1, max=120)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     mixed_precision: bool = True  # fp16 autocast on CUDA; ignored on CPU
-    threads: int = 0  # CPU threads for torch (0: leave torch's default)
-    export: list[str] = field(default_factory=list)  # mesh formats written at the end: glb, obj, ply
-    export_resolution: int = 128  # marching-cubes grid for NeRF exports
-    export_texture_size: int = 1024
+    threads: int = bounded(0, min=0)  # CPU threads for torch (0: leave torch's default)
+    export: list[str] = field(default_factory=list)  # formats written at the end (what the representation exports)
+    export_resolution: int = bounded(128, min=16, max=1024)  # surface extraction grid for exports
+    export_texture_size: int = bounded(1024, min=16, max=8192)
     # On CPU, a turntable that would take longer than this is rendered smaller (0: never).
-    cpu_video_budget_s: float = 120.0
+    cpu_video_budget_s: float = bounded(120.0, min=0.0)
 
 
 @dataclass
@@ -120,30 +120,11 @@ def _resolve_plugin(kind: str, spec: Any, path: str, prior_names: tuple[str, ...
     return resolved
 
 
-def _positive(value: float, key: str, minimum: float = 1) -> None:
-    if not value >= minimum:
-        raise ConfigError(f"{key} must be at least {minimum:g}, got {value!r}")
-
-
 def _check_trainer(tc: TrainerConfig) -> None:
-    """Ranges of the trainer settings, checked before any work starts."""
-    for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "eval_views",
-                "eval_resolution", "video_frames", "video_resolution", "video_fps", "export_resolution"):
-        _positive(getattr(tc, key), f"trainer.{key}")
-    _positive(tc.export_texture_size, "trainer.export_texture_size", 64)
-    if not tc.lr_scale > 0 or tc.lr_scale == float("inf"):
-        raise ConfigError(f"trainer.lr_scale must be a positive number, got {tc.lr_scale!r}")
-    if not all(0 <= b < 1 for b in tc.betas):
-        raise ConfigError(f"trainer.betas must lie in [0, 1), got {list(tc.betas)}")
-    if tc.threads < 0:
-        raise ConfigError(f"trainer.threads must be 0 (torch's default) or positive, got {tc.threads}")
+    """What the field ranges cannot say, checked before any work starts."""
     resolution = Schedule.parse(tc.resolution, "trainer.resolution").resolve(tc.steps)
-    low = min(v for _, v in resolution.points)
-    if low < 8 or any(v != int(v) for _, v in resolution.points):
-        raise ConfigError(f"trainer.resolution must be whole numbers of at least 8 pixels, got {tc.resolution!r}")
-    bad = [f for f in tc.export if f not in ("glb", "obj", "ply")]
-    if bad:
-        raise ConfigError(f"trainer.export: unknown format {bad[0]!r}; use glb, obj or ply")
+    if any(v != int(v) for _, v in resolution.points):
+        raise ConfigError(f"trainer.resolution must be whole numbers of pixels, got {tc.resolution!r}")
 
 
 def check_capabilities(recipe: RecipeConfig, source_representation: str | None = None) -> None:

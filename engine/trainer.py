@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,11 +28,14 @@ import yaml
 from distill3d.engine.cameras import CameraSampler
 from distill3d.engine.checkpoint import (
     atomic_write_text,
+    clear_os_errors,
     latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
+    lock_run_dir,
     save_checkpoint,
     seed_everything,
     set_rng_state,
+    truncate_metrics,
 )
 from distill3d.engine.config import to_dict
 from distill3d.engine.errors import NonFiniteLossError, UserError
@@ -83,13 +87,13 @@ def load_run(run_dir: Path, purpose: str = "--init-from"):
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         raise UserError(f"{purpose} {run_dir}: not a run directory (no config.yaml)")
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise UserError(f"{purpose} {run_dir}: the run has no checkpoint yet")
     recipe = resolve_recipe(yaml.safe_load(config_path.read_text()))
     ctx = BuildContext(device=pick_device(recipe.trainer.device), total_steps=recipe.trainer.steps, cache_dir=_cache_dir())
+    found = load_latest_checkpoint(run_dir / "checkpoints", ctx.device)
+    if found is None:
+        raise UserError(f"{purpose} {run_dir}: the run has no checkpoint yet")
     representation = build_plugin("representation", recipe.representation, ctx, "representation")
-    state = load_checkpoint(ckpt, ctx.device)
+    state = found[1]
     representation.load_state_dict(state["representation"])
     representation.load_extra_state(state.get("representation_extra", {}))
     return recipe, representation.eval()
@@ -203,14 +207,23 @@ class Trainer:
 
             source_recipe, source = load_run(Path(recipe.init_from))
             check_capabilities(recipe, source_recipe.representation["name"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer = cls(recipe, run_dir, quiet)
-        if source is not None:
-            done = trainer.representation.initialize_from(source)
-            if not quiet:
-                print(f"initialised from {recipe.init_from}: {done}", file=sys.stderr)
-        trainer.build_optimizer()
-        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        created = not run_dir.exists()
+        lock = lock_run_dir(run_dir)
+        try:
+            check_fresh_run_dir(run_dir)  # again, now that no other process can write here
+            trainer = cls(recipe, run_dir, quiet)
+            if source is not None:
+                done = trainer.representation.initialize_from(source)
+                if not quiet:
+                    print(f"initialised from {recipe.init_from}: {done}", file=sys.stderr)
+            trainer.build_optimizer()
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        except BaseException:
+            lock.release()
+            if created:  # bad input leaves nothing behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        trainer._lock = lock
         trainer.metrics_path.unlink(missing_ok=True)
         return trainer
 
@@ -226,38 +239,36 @@ class Trainer:
         if not config_path.exists():
             raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
         recipe = resolve_recipe(apply_overrides(yaml.safe_load(config_path.read_text()), overrides))
-        trainer = cls(recipe, run_dir, quiet)
-        ckpt = latest_checkpoint(trainer.checkpoint_dir)
+        lock = lock_run_dir(run_dir)
         try:
-            if ckpt is not None:
-                trainer.load(ckpt)
-            else:
-                trainer.build_optimizer()
-        except (RuntimeError, ValueError, KeyError) as exc:
-            if not overrides:
-                raise
-            raise UserError(
-                f"the changed settings ({', '.join(overrides)}) do not fit the run's checkpoint {ckpt}: "
-                f"{str(exc).splitlines()[0]}; nothing was changed, the run resumes as it was without them"
-            ) from exc
-        if overrides:
-            write_text(config_path, yaml.safe_dump(to_dict(recipe), sort_keys=False))
-        trainer._truncate_metrics(trainer.start_step)
+            trainer = cls(recipe, run_dir, quiet)
+            found = load_latest_checkpoint(trainer.checkpoint_dir, trainer.device)
+            try:
+                if found is not None:
+                    trainer.load_state(found[1])
+                else:
+                    trainer.build_optimizer()
+            except (RuntimeError, ValueError, KeyError) as exc:
+                if not overrides:
+                    raise
+                raise UserError(
+                    f"the changed settings ({', '.join(overrides)}) do not fit the run's checkpoint {found[0]}: "
+                    f"{str(exc).splitlines()[0]}; nothing was changed, the run resumes as it was without them"
+                ) from exc
+            if overrides:
+                atomic_write_text(config_path, yaml.safe_dump(to_dict(recipe), sort_keys=False))
+            truncate_metrics(trainer.metrics_path, trainer.start_step)
+        except BaseException:
+            lock.release()
+            raise
+        trainer._lock = lock
         return trainer
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines past the checkpoint so a resumed run logs each step once; a torn last
-        line (a kill mid-write) is dropped too."""
-        if not self.metrics_path.exists():
-            return
-        kept = []
-        for line in self.metrics_path.read_text(errors="replace").splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+    def close(self) -> None:
+        """Release the run directory (fit() does this when it returns)."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     # ----- checkpoints --------------------------------------------------------------------
     def save(self, step: int) -> Path:
@@ -269,13 +280,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-        try:
-            return save_checkpoint(self.checkpoint_dir, step, payload, keep=self.recipe.trainer.keep_checkpoints)
-        except OSError as exc:
-            raise os_error(exc, f"writing a checkpoint of {self.run_dir}") from exc
+        return save_checkpoint(self.checkpoint_dir, step, payload, keep=self.recipe.trainer.keep_checkpoints)
 
-    def load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.device)
+    def load_state(self, state: dict) -> None:
         self.representation.load_state_dict(state["representation"])
         self.representation.load_extra_state(state.get("representation_extra", {}))
         self.guidance.load_state_dict(state["guidance"])
@@ -362,23 +369,27 @@ class Trainer:
                         now = time.perf_counter()
                         rate = (step - last_step) / max(now - last_time, 1e-9)
                         last_time, last_step = now, step
-                        try:
+                        with clear_os_errors(str(self.metrics_path)):
                             metrics.write(json.dumps({"step": step, "steps_per_s": round(rate, 3), **logged}) + "\n")
                             metrics.flush()
-                        except OSError as exc:
-                            raise os_error(exc, f"writing {self.metrics_path}") from exc
                     if self._stop_requested:
                         interrupted = True
                         break
                     if step % tc.checkpoint_every == 0 and step < tc.steps:
                         self.save(step)
             self.save(step)
+        except BaseException:
+            self.close()
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             progress.close()
         finished = step >= tc.steps
-        result_eval = self.finish() if finished else None
+        try:
+            result_eval = self.finish() if finished else None
+        finally:
+            self.close()
         return RunResult(self.run_dir, step, finished, interrupted, result_eval, time.perf_counter() - started)
 
     # ----- outputs ------------------------------------------------------------------------
@@ -399,7 +410,7 @@ class Trainer:
             t0 = time.perf_counter()
             self._say(f"evaluating {tc.eval_views} views at {tc.eval_resolution}x{tc.eval_resolution} ...")
             result = evaluate_against_reference(self.representation, self.ctx.scene, self.sampler, tc.eval_views, tc.eval_resolution)
-            write_text(self.run_dir / "eval.json", json.dumps(result, indent=2))
+            atomic_write_text(self.run_dir / "eval.json", json.dumps(result, indent=2))
             self._say(f"evaluation: psnr {result['psnr']:.2f} dB, mask_iou {result['mask_iou']:.4f} ({time.perf_counter() - t0:.1f} s)")
         frames, resolution = video_budget(self, tc.video_frames, tc.video_resolution)
         t0 = time.perf_counter()
@@ -417,12 +428,18 @@ class Trainer:
                 self._say(f"exporting {fmt} (surface grid {tc.export_resolution}, texture {tc.export_texture_size}) ...")
                 try:
                     exported += [str(p) for p in self.representation.export(fmt, self.run_dir / f"mesh.{fmt}", options)]
-                except EmptySurfaceError as exc:  # the run itself is fine: say so, write nothing
-                    self._say(f"no mesh exported: {exc}")
+                except EmptySurfaceError as exc:  # the run itself is fine: say so (even with --quiet), write nothing
+                    print(f"no mesh exported: {exc}", file=sys.stderr, flush=True)
                     break
                 self._say(f"exported {fmt} ({time.perf_counter() - t0:.1f} s)")
+        glb = self.run_dir / "mesh.glb"
+        if self.ctx.scene is not None and str(glb) in exported:  # the exported surface scored too: eval.json "mesh"
+            from distill3d.engine.evaluation import add_mesh_evaluation
+            from distill3d.representations.mesh.mesh_io import load_mesh
+
+            result = add_mesh_evaluation(self.run_dir, load_mesh(glb), self.ctx.scene, self.sampler, tc.eval_views, tc.eval_resolution)
         status = {"state": "finished", "steps": tc.steps, "eval": None if result is None else {k: result[k] for k in ("psnr", "mask_iou")}, "exported": exported}
-        write_text(self.run_dir / STATUS_FILE, json.dumps(status, indent=2))
+        atomic_write_text(self.run_dir / STATUS_FILE, json.dumps(status, indent=2))
         return result
 
 
@@ -493,23 +510,3 @@ class _Progress:
         if self.bar is not None:
             self.bar.stop()
 
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic text write with OS errors (disk full, read-only, name too long) as one clear line."""
-    try:
-        atomic_write_text(path, text)
-    except OSError as exc:
-        raise os_error(exc, f"writing {path}") from exc
-
-
-def os_error(exc: OSError, doing: str) -> UserError:
-    import errno
-
-    hints = {
-        errno.ENOSPC: "the disk is full: free some space, then `distill3d resume` continues from the last checkpoint",
-        errno.EROFS: "the file system is read-only: pick another --out",
-        errno.EACCES: "permission denied: pick a folder you can write to",
-        errno.ENAMETOOLONG: "the file name is too long: pick a shorter --out",
-    }
-    hint = hints.get(exc.errno, exc.strerror or str(exc))
-    return UserError(f"{doing}: {hint}")

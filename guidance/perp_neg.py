@@ -77,6 +77,16 @@ class PerpNegSDSConfig(SDSConfig):
     # Leave negative slots with zero weight for the whole batch out of the UNet call.
     skip_zero_negatives: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.prior, dict) and self.prior.get("view_dependent_prompts") is False:
+            raise ConfigError(_NEEDS_VIEW_PROMPTS.format(path="prior"))
+
+
+_NEEDS_VIEW_PROMPTS = (
+    "Perp-Neg is built from the view-dependent prompts ('<prompt>, front view', side, back) but "
+    "{path}.view_dependent_prompts is false: set it to true, or use plain 'sds' guidance"
+)
+
 
 class PerpNegSDSGuidance(SDSGuidance):
     """SDS whose guided noise is Perp-Neg's instead of plain classifier-free guidance."""
@@ -91,6 +101,8 @@ class PerpNegSDSGuidance(SDSGuidance):
                 f"{path}: Perp-Neg needs a text prior with view-dependent prompts (stable-diffusion, deepfloyd-if); "
                 f"prior {name!r} has no view_conditions()"
             )
+        if getattr(getattr(self.prior, "config", None), "view_dependent_prompts", True) is False:
+            raise ConfigError(f"{path}: " + _NEEDS_VIEW_PROMPTS.format(path="prior"))
         self.last_plan: PerpNegPlan | None = None
 
     def plan(self, cameras: Cameras, direction: Tensor) -> PerpNegPlan:

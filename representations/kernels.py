@@ -35,5 +35,6 @@ def _load_march_torch():
 register_backend("march", "torch", _load_march_torch, priority=0)
 
 # Accelerated backends register themselves in their own modules.
+from distill3d.representations.gaussians import backends as _gaussian_backends  # noqa: E402,F401
 from distill3d.representations.mesh import backends as _mesh_backends  # noqa: E402,F401
 from distill3d.representations.nerf import triton_backends as _nerf_backends  # noqa: E402,F401

@@ -19,14 +19,8 @@ from distill3d.engine.recipe import load_recipe
 from distill3d.engine.schedules import Schedule
 from distill3d.engine.trainer import Trainer, load_run
 from tests.test_registry import fake_distribution
+from tests.test_trainer import TINY
 
-TINY = [
-    "trainer.resolution=16", "trainer.eval_resolution=16", "trainer.eval_views=2",
-    "trainer.video_frames=2", "trainer.video_resolution=16", "trainer.log_every=1",
-    "representation.levels=4", "representation.log2_table_size=12", "representation.max_resolution=64",
-    "representation.samples_per_ray=16", "representation.occupancy.warmup_steps=4", "representation.occupancy.update_every=4",
-    "representation.occupancy.resolution=16",
-]
 
 GROWING = textwrap.dedent(
     '''
@@ -180,11 +174,12 @@ def test_bad_resume_set_is_refused_and_the_run_stays_usable(tmp_path):
     trainer = Trainer.create(load_recipe("oracle-nerf", [*TINY, "trainer.steps=4", "trainer.checkpoint_every=2"]), run, quiet=True)
     trainer.train_step(0)
     trainer.save(2)
+    trainer.close()
     config = (run / "config.yaml").read_text()
     with pytest.raises(UserError, match="do not fit the run's checkpoint"):
         Trainer.resume(run, ["representation.levels=6"], quiet=True)
     assert (run / "config.yaml").read_text() == config
-    assert Trainer.resume(run, quiet=True).start_step == 2
+    assert Trainer.resume(run, quiet=True).start_step == 2  # the refused resume left the run unlocked and usable
 
 
 def test_torn_metrics_line_is_skipped_on_resume(tmp_path):

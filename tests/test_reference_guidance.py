@@ -13,7 +13,7 @@ from distill3d.guidance.reference import ReferenceViewConfig, ReferenceViewGuida
 
 def test_scene_reference_gives_zero_loss_for_the_exact_render():
     cfg = ReferenceViewConfig(resolution=24, rgb_weight=1.0, mask_weight=1.0)
-    guidance = ReferenceViewGuidance(cfg, BuildContext(reference=DEFAULT_SCENE))
+    guidance = ReferenceViewGuidance(cfg, BuildContext(scene=DEFAULT_SCENE))
     cams, settings = guidance.views(0)
     background = torch.full((1, 24, 24, 3), 0.3)
     exact = load_scene(DEFAULT_SCENE).render(cams, 24, 24, background=background)

@@ -14,7 +14,7 @@ the background. Regularisers: normal consistency between adjacent faces, uniform
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from distill3d.engine.interfaces import BuildContext, RenderOutput, RenderSettin
 from distill3d.engine.schedules import Schedule, ScheduleSpec
 from distill3d.representations.background import Background, BackgroundConfig
 from distill3d.representations.dmtet.marching_tets import marching_tets
+from distill3d.representations.dmtet.redistance import redistanced_sdf
 from distill3d.representations.dmtet.tet_grid import tet_grid
 from distill3d.representations.mesh.cavities import DEFAULT_CLOSE_GAPS, fill_cavities
 from distill3d.representations.mesh.mesh_io import sample_surface, vertex_normals
@@ -42,6 +43,9 @@ class DMTetConfig(HashGridSettings):  # the hash-grid settings are those of the 
     # Maximum vertex displacement in grid spacings: tanh(delta) * scale * 2 radius / N.
     deformation_scale: float = 0.5
     init_sphere_radius: float = 0.5  # default shape: sdf = r - |x|
+    # Seeding from a density field: "redistance" puts the surface on the density's isosurface,
+    # off the lattice (redistance.py); "density" is Magic3D's sdf = density / threshold - 1, clamped.
+    seed_sdf: Literal["redistance", "density"] = "redistance"
     # Colour field (hash encoding + MLP -> albedo).
     hidden_dim: int = 64
     hidden_layers: int = 2
@@ -164,6 +168,18 @@ class DMTet(Representation):
         self.deformation.zero_()
         return thr
 
+    @torch.no_grad()
+    def init_from_surface(self, density_fn: Callable[[Tensor], Tensor], threshold: float, chunk_size: int = 1 << 18) -> None:
+        """Seed the SDF so the surface lies on {density = threshold} between lattice points
+        (redistance.py): signed distances in grid spacings near the surface, +-1.5 elsewhere,
+        enclosed cavities filled; the deformation is reset to zero."""
+        pts = self.grid_vertices
+        d = torch.cat([density_fn(pts[i : i + chunk_size]).reshape(-1).float() for i in range(0, pts.shape[0], chunk_size)])
+        inside = self.solid_sdf(d - threshold, fill_value=1.0) > 0
+        sdf = redistanced_sdf(pts, self.config.grid_resolution + 1, inside, density_fn, threshold, self.spacing)
+        self.sdf.copy_(sdf.to(self.sdf.dtype))
+        self.deformation.zero_()
+
     def solid_sdf(self, sdf: Tensor | None = None, fill_value: float | None = None) -> Tensor:
         """The SDF with its enclosed cavities filled (set to fill_value, default the largest SDF):
         a density seed has hidden inner shells, and nothing trains them away (cavities.py)."""
@@ -178,13 +194,17 @@ class DMTet(Representation):
 
     def initialize_from(self, source, texture_steps: int = 200) -> dict:
         """Coarse-to-fine from a density field (a NeRF run): the surface starts where the source's
-        renders put it (its surface_threshold), the SDF normalised by that threshold and clamped to
-        [-1, 1] so the SDF learning rate means the same for every source; then, if the source has
+        renders put it (its surface_threshold): by default on the isosurface itself, with an SDF in
+        grid spacings (seed_sdf "redistance"), else the density normalised by that threshold and
+        clamped to [-1, 1]; either way the SDF learning rate means the same for every source; then, if the source has
         a colour field, the albedo is fitted to it at points on the new surface (inherited texture)."""
         threshold = float(source.surface_threshold) or "auto"
         if threshold == "auto":
             threshold = self.init_from_density(source.density, "auto")
-        self.init_from_density(lambda p: source.density(p) / threshold, 1.0, clamp=1.0)
+        if self.config.seed_sdf == "redistance":
+            self.init_from_surface(source.density, threshold)
+        else:
+            self.init_from_density(lambda p: source.density(p) / threshold, 1.0, clamp=1.0)
         done = {"threshold": threshold}
         if texture_steps > 0:
             done["texture_mse"] = self._fit_albedo(source.albedo, texture_steps)
@@ -286,12 +306,13 @@ class DMTet(Representation):
 
     # ----- export ------------------------------------------------------------------------
     @torch.no_grad()
-    def export_mesh(self, resolution: int = 128, target_faces: int | None = None, texture_size: int = 1024, min_component_fraction: float = 0.02):
+    def export_mesh(self, resolution: int = 128, target_faces: int | None = None, texture_size: int = 1024, min_component_fraction: float = 0.02, smoothing: int | None = None):
         """The current marching-tets surface with enclosed cavities filled (resolution is ignored:
-        the tet grid sets it), small components removed, optional decimation, xatlas unwrap, baked albedo texture and vertex
+        the tet grid sets it), small components removed, Taubin smoothing (`smoothing` iterations,
+        None: the export default), optional decimation, xatlas unwrap, baked albedo texture and vertex
         colours. Returns (Mesh, ExportInfo); EmptySurfaceError when there is no surface."""
         from distill3d.representations.mesh.marching_cubes import EmptySurfaceError
-        from distill3d.representations.mesh.texture_bake import textured_mesh
+        from distill3d.representations.mesh.texture_bake import DEFAULT_SMOOTHING_ITERATIONS, textured_mesh
 
         verts, faces = marching_tets(self.vertex_positions(), self.solid_sdf(), self.tets)
         if faces.shape[0] == 0:
@@ -299,4 +320,5 @@ class DMTet(Representation):
         return textured_mesh(
             verts, faces, self.albedo, min_component_fraction=min_component_fraction, target_faces=target_faces,
             texture_size=texture_size, extras={"source": "dmtet", "grid_resolution": self.config.grid_resolution},
+            smoothing=DEFAULT_SMOOTHING_ITERATIONS if smoothing is None else smoothing,
         )

@@ -23,6 +23,12 @@ from distill3d.representations.mesh.cleanup import decimate, decimation_method, 
 from distill3d.representations.mesh.marching_cubes import EmptySurfaceError, extract_surface
 from distill3d.representations.mesh.mesh_io import Mesh, vertex_normals
 from distill3d.representations.mesh.rasterizer import interpolate, rasterize
+from distill3d.representations.mesh.smoothing import taubin_smooth
+
+# Taubin lambda|mu iterations applied to isosurface exports (marching cubes / tets; measured in
+# benchmarks/bench_mesh_pipeline.py). textured_mesh() itself defaults to none: a mesh that is not an
+# isosurface (a few large faces) is not to be smoothed.
+DEFAULT_SMOOTHING_ITERATIONS = 10
 
 __all__ = [
     "ColorField",
@@ -168,11 +174,12 @@ def mesh_from_fields(
     uv_padding: int = 2,
     vertex_colors: bool = True,
     chunk_size: int = 1 << 16,
+    smoothing: int = DEFAULT_SMOOTHING_ITERATIONS,
 ) -> tuple[Mesh, ExportInfo]:
     """Density + colour fields -> a textured, cleaned mesh ready for `save_mesh`.
 
     Marching cubes on a resolution^3 grid over bounds at `threshold` ("auto": mean positive
-    density), small components removed, optional decimation to target_faces, area-weighted vertex
+    density), small components removed, Taubin smoothing (`smoothing` iterations), optional decimation to target_faces, area-weighted vertex
     normals, xatlas unwrap, albedo baked at texture_size^2 with seams filled, and (optionally)
     vertex colours from the colour field at the vertices (what the PLY export uses).
     Raises EmptySurfaceError, before anything is written anywhere, when nothing is above the
@@ -182,6 +189,7 @@ def mesh_from_fields(
     return textured_mesh(
         verts, faces, color_fn, threshold=thr, min_component_fraction=min_component_fraction, target_faces=target_faces,
         decimation=decimation, texture_size=texture_size, uv_padding=uv_padding, vertex_colors=vertex_colors, chunk_size=chunk_size,
+        smoothing=smoothing,
     )
 
 
@@ -198,14 +206,18 @@ def textured_mesh(
     vertex_colors: bool = True,
     chunk_size: int = 1 << 16,
     extras: dict | None = None,
+    smoothing: int = 0,
 ) -> tuple[Mesh, ExportInfo]:
     """An extracted surface (from marching cubes or marching tets) -> the exported mesh: small
-    components removed, optional decimation, normals, xatlas unwrap, baked albedo, vertex colours."""
+    components removed, Taubin smoothing (`smoothing` lambda|mu iterations, 0 = off; smoothing.py),
+    optional decimation, normals, xatlas unwrap, baked albedo, vertex colours."""
     n_extracted = int(faces.shape[0])
     if n_extracted == 0:
         raise EmptySurfaceError("the surface is empty; nothing to export")
     mesh = remove_small_components(Mesh(verts.float().contiguous(), faces), min_fraction=min_component_fraction)
     n_clean = mesh.num_faces
+    if smoothing > 0:
+        mesh = Mesh(taubin_smooth(mesh.vertices, mesh.faces, smoothing), mesh.faces)
     method = None
     if target_faces is not None and mesh.num_faces > target_faces:
         method = decimation_method() if decimation == "auto" else decimation
@@ -227,6 +239,6 @@ def textured_mesh(
         decimation=method,
         texture_size=int(texture_size),
         texel_coverage=float(covered.float().mean()),
-        extras=dict(extras or {}),
+        extras={**(extras or {}), "smoothing_iterations": int(smoothing)},
     )
     return mesh, info
