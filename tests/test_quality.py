@@ -33,6 +33,7 @@ NERF = [
 DMTET = [
     "trainer.resolution=32", "representation.grid_resolution=16", "representation.levels=4", "representation.log2_table_size=12",
     "representation.max_resolution=64", "trainer.export=[]",
+    "representation.normal_consistency_weight=0",  # the recipe's smoothing regulariser is not what is measured here
 ]
 
 # Short runs learn with every group's learning rate x 10 (the trainer's own lr_scale), so that a
@@ -90,7 +91,7 @@ def test_oracle_dmtet_gains_over_its_step_zero_evaluation(tmp_path):
     gain_psnr = after["psnr"] - before["psnr"]
     gain_iou = after["mask_iou"] - before["mask_iou"]
     # From the default sphere (radius 0.5), silhouette gradients move the surface a few cells:
-    # calibrated 14.37 -> 15.59 dB (+1.2), IoU 0.457 -> 0.559 (+0.10).
-    # Every group's learning rate x 0.05 in the trainer: +0.20 dB, IoU +0.015.
+    # calibrated 14.37 -> 15.38 dB (+1.0), IoU 0.457 -> 0.540 (+0.083).
+    # Every group's learning rate x 0.05 in the trainer: +0.17 dB, IoU +0.015.
     assert gain_psnr > 0.6, (before, after)
     assert gain_iou > 0.05, (before, after)
