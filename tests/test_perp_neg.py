@@ -206,7 +206,8 @@ def test_rejects_prior_without_view_conditions(monkeypatch):
         PerpNegSDSGuidance(PerpNegSDSConfig(prior={"name": "oracle"}), BuildContext())
 
 
-@pytest.mark.parametrize("recipe, prior, scale", [("dreamfusion-sd", "stable-diffusion", 101.0), ("dreamfusion-if", "deepfloyd-if", 21.0)]  # threestudio's 100 and 20 in the diffusers convention)
+# threestudio's scales 100 (SD) and 20 (IF) are 101 and 21 in the diffusers convention.
+@pytest.mark.parametrize("recipe, prior, scale", [("dreamfusion-sd", "stable-diffusion", 101.0), ("dreamfusion-if", "deepfloyd-if", 21.0)])
 def test_text_to_3d_recipes_resolve_and_accept_perp_neg(recipe, prior, scale):
     from distill3d.engine.recipe import load_recipe, load_recipe_data
 
