@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def make_textured_reference(path: str | os.PathLike, texture_size: int = 256) ->
 
 def gltf_validator() -> tuple[str, str] | None:
     """(node, node_modules folder) when the npm `gltf-validator` is installed. ./dev.sh installs it
-    under .venv/gltf-validator and sets DISTILL3D_GLTF_VALIDATOR to that folder."""
-    root = os.environ.get("DISTILL3D_GLTF_VALIDATOR")
+    under .venv/gltf-validator and sets DISTILL3D_GLTF_VALIDATOR to that folder; pytest run
+    directly (not through ./dev.sh) finds the same folder next to the interpreter's venv."""
+    root = os.environ.get("DISTILL3D_GLTF_VALIDATOR") or str(Path(sys.prefix) / "gltf-validator")
     node = shutil.which("node")
     if not root or not node or not os.path.isdir(os.path.join(root, "node_modules", "gltf-validator")):
         return None

@@ -11,7 +11,7 @@ from distill3d.engine.config import from_dict
 from distill3d.engine.evaluation import mask_iou
 from distill3d.engine.interfaces import BuildContext, RenderSettings
 from distill3d.representations.dmtet.model import DMTet, DMTetConfig
-from tests.mesh_fixtures import make_textured_reference, validate_gltf
+from tests.mesh_fixtures import SKIP_NO_VALIDATOR, gltf_validator, make_textured_reference, validate_gltf
 from tests.test_nerf import make as make_nerf
 from tests.test_trainer import TINY
 
@@ -37,9 +37,10 @@ def run(*args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def test_demo_stages_nerf_then_dmtet_from_a_textured_mesh_reference_writes_a_glb(tmp_path):
-    import trimesh
-
+@pytest.fixture(scope="module")
+def c2f_run(tmp_path_factory):
+    """demo --stages nerf,dmtet from a textured mesh reference, at toy sizes."""
+    tmp_path = tmp_path_factory.mktemp("c2f")
     reference = make_textured_reference(tmp_path / "reference.glb", texture_size=64)
     out = tmp_path / "run"
     sets = [f"nerf:{s}" for s in TINY] + [
@@ -52,15 +53,32 @@ def test_demo_stages_nerf_then_dmtet_from_a_textured_mesh_reference_writes_a_glb
         *sum((["--set", s] for s in sets), []),
     )
     assert code == 0, err
+    return reference, out, err
+
+
+def test_demo_stages_nerf_then_dmtet_from_a_textured_mesh_reference_writes_a_glb(c2f_run):
+    import trimesh
+
+    reference, out, err = c2f_run
     assert "initialised from" in err and (out / "nerf" / "eval.json").exists() and (out / "dmtet" / "eval.json").exists()
     assert str(out / "nerf") in (out / "dmtet" / "config.yaml").read_text()
     assert str(reference) in (out / "dmtet" / "config.yaml").read_text()
     mesh = trimesh.load(out / "dmtet" / "mesh.glb", force="mesh")
     assert mesh.visual.material.baseColorTexture is not None
     assert len(mesh.faces) > 0
-    report = validate_gltf(out / "dmtet" / "mesh.glb")
-    if report is not None:  # the npm validator, when ./dev.sh could install it
-        assert report["errors"] == 0 and report["warnings"] == 0, report["messages"]
+
+
+def test_dmtet_glbs_pass_the_gltf_validator(c2f_run, tmp_path):
+    """The GLB the run wrote and one exported through `distill3d export`, through the Khronos validator."""
+    if gltf_validator() is None:
+        pytest.skip(SKIP_NO_VALIDATOR)
+    _, out, _ = c2f_run
+    exported = tmp_path / "exported.glb"
+    code, _, err = run("export", str(out / "dmtet"), "--format", "glb", "--texture-size", "64", "--out", str(exported))
+    assert code == 0, err
+    for glb in (out / "dmtet" / "mesh.glb", exported):
+        report = validate_gltf(glb)
+        assert report["errors"] == 0 and report["warnings"] == 0, (glb, report["messages"])
 
 
 def test_bad_stages_and_init_from_are_clear_errors(tmp_path):

@@ -114,19 +114,70 @@ def test_same_cache_for_differently_cased_prompt(if_dir, cache_dir, prior):
     assert p.embedding_cache.stats.encoder_loads == 0 and p.embedding_cache.stats.misses == 0
 
 
-def test_sds_step_with_if(if_dir, cache_dir):
-    from distill3d.guidance.perp_neg import PerpNegSDSConfig, PerpNegSDSGuidance
+def _pixels(rgb):
+    """IF stage I's encoder, written out: resize to the model's 16 px and map to [-1, 1]."""
+    return torch.nn.functional.interpolate(rgb.permute(0, 3, 1, 2), (16, 16), mode="bilinear", align_corners=False) * 2 - 1
+
+
+def _render(b=2, size=32):
+    rgb = torch.rand(b, size, size, 3, requires_grad=True)
+    return rgb, RenderOutput(rgb=rgb, opacity=torch.ones(b, size, size, 1), depth=torch.ones(b, size, size, 1), background=torch.zeros(b, size, size, 3))
+
+
+def _eps(prior, x_t, t, condition):
+    with torch.no_grad():
+        return prior.unet(x_t, t, encoder_hidden_states=condition["encoder_hidden_states"]).sample[:, :3]
+
+
+def test_sds_step_with_if_is_weighted_residual_through_the_pixel_encoder(if_dir, cache_dir, monkeypatch):
     from distill3d.guidance.sds import SDSConfig, SDSGuidance
 
-    ctx = ctx_for(cache_dir, total_steps=100)
-    rgb = torch.rand(2, 32, 32, 3, requires_grad=True)
-    out = RenderOutput(rgb=rgb, opacity=torch.ones(2, 32, 32, 1), depth=torch.ones(2, 32, 32, 1), background=torch.zeros(2, 32, 32, 3))
-    spec = {"name": "deepfloyd-if", "model": str(if_dir)}
-    for g in (SDSGuidance(SDSConfig(prior=spec, guidance_scale=20.0), ctx), PerpNegSDSGuidance(PerpNegSDSConfig(prior=spec, guidance_scale=20.0), ctx)):
-        rgb.grad = None
-        loss = g(out, cameras([30.0, -150.0]), 3)["sds"]
-        loss.backward()
-        assert torch.isfinite(loss) and rgb.grad.abs().sum() > 0
+    from sds_reference import NoiseRecorder, cfg, noised, render_gradient
+
+    scale = 20.0
+    g = SDSGuidance(SDSConfig(prior={"name": "deepfloyd-if", "model": str(if_dir)}, guidance_scale=scale), ctx_for(cache_dir, total_steps=100))
+    recorder = NoiseRecorder(g.prior, monkeypatch)
+    rgb, out = _render()
+    cams = cameras([30.0, -150.0])
+    torch.manual_seed(3)
+    g(out, cams, 3)["sds"].backward()
+    rec = recorder.last
+    torch.testing.assert_close(rec["x"], _pixels(rgb.detach()))
+    x_t = noised(g.prior, rec["x"], rec["noise"], rec["t"])
+    cond, uncond = g.prior.conditions(cams, None)
+    eps_hat = cfg(_eps(g.prior, x_t, rec["t"], uncond), _eps(g.prior, x_t, rec["t"], cond), scale)
+    abar = g.prior.alphas_cumprod[rec["t"]].view(-1, 1, 1, 1)
+    expected = render_gradient(_pixels, rgb, (1 - abar) * (eps_hat - rec["noise"]), 1.0)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(rgb.grad, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
+def test_perp_neg_sds_step_with_if_matches_the_hand_written_plan(if_dir, cache_dir, monkeypatch):
+    from distill3d.guidance.perp_neg import PerpNegSDSConfig, PerpNegSDSGuidance
+
+    from sds_reference import NoiseRecorder, mixed, noised, perp, perp_neg_rows_stable_dreamfusion, render_gradient, rows
+
+    scale, azimuths = 20.0, [-60.0, 100.0]
+    g = PerpNegSDSGuidance(PerpNegSDSConfig(prior={"name": "deepfloyd-if", "model": str(if_dir)}, guidance_scale=scale), ctx_for(cache_dir, total_steps=100))
+    recorder = NoiseRecorder(g.prior, monkeypatch)
+    rgb, out = _render()
+    cams = cameras(azimuths)
+    torch.manual_seed(4)
+    g(out, cams, 3)["sds"].backward()
+    rec = recorder.last
+    t, noise = rec["t"], rec["noise"]
+    x_t = noised(g.prior, rec["x"], noise, t)
+    views = g.prior.view_conditions(cams)
+    plan = [perp_neg_rows_stable_dreamfusion(a) for a in azimuths]
+    eps_u = _eps(g.prior, x_t, t, views.uncond)
+    d_pos = _eps(g.prior, x_t, t, mixed(views.directional, [p[0] for p in plan])) - eps_u
+    eps_hat = eps_u + scale * d_pos
+    for k in range(2):
+        d_k = _eps(g.prior, x_t, t, rows(views.directional, [p[1][k] for p in plan])) - eps_u
+        eps_hat = eps_hat + scale * torch.tensor([p[2][k] for p in plan]).view(-1, 1, 1, 1) * perp(d_k, d_pos)
+    abar = g.prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = render_gradient(_pixels, rgb, (1 - abar) * (eps_hat - noise), 1.0)
+    torch.testing.assert_close(rgb.grad, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
 
 def test_empty_prompt(if_dir, cache_dir):

@@ -46,18 +46,50 @@ def test_finite_difference_normals_of_the_blob_point_outward():
     assert cos.min() > 0.9
 
 
-@pytest.mark.parametrize("mode", ["lambertian", "textureless", "normal"])
-def test_shading_modes_need_and_use_normals(mode):
-    nerf = make()
-    # odd size: pixel (4, 4) lies on the optical axis, where the blob's normal is (0, 0, 1)
-    out = nerf.render(make_cameras(0.0, 0.0, 3.0, 40.0), RenderSettings(9, 9, shading=mode, background="solid", training=False))
-    assert out.normal is not None
-    centre = out.rgb[0, 4, 4]
-    if mode == "textureless":
-        assert torch.allclose(centre, centre[0].expand(3), atol=1e-5)  # grey: no albedo
-    if mode == "normal":
-        # facing the camera (+z): normal ~ (0, 0, 1) -> colour ~ (0.5, 0.5, 1)
-        assert centre[2] > 0.9 and abs(centre[0] - 0.5) < 0.05 and abs(centre[1] - 0.5) < 0.05
+def _shade_by_hand(mode, albedo, n, light, ambient=0.1, diffuse=0.9):
+    """DreamFusion's shading written out: ambient + diffuse * max(0, n . l) times the albedo
+    (lambertian) or alone, grey (textureless); normals mapped to colours as (n + 1) / 2."""
+    lambert = (n * light).sum(-1, keepdim=True).clamp_min(0)
+    return {
+        "albedo": albedo,
+        "lambertian": albedo * (ambient + diffuse * lambert),
+        "textureless": (ambient + diffuse * lambert).expand_as(albedo),
+        "normal": (n + 1) / 2,
+    }[mode]
+
+
+@pytest.mark.parametrize("mode", ["albedo", "lambertian", "textureless", "normal"])
+def test_shading_modes_follow_the_shading_formula_at_a_pixel(mode):
+    """One off-axis pixel re-rendered by hand: march its ray, shade every sample with the formula
+    (light at the camera when not training), composite w_i = T_i (1 - exp(-sigma_i delta_i))."""
+    from distill3d.engine.cameras import pixel_rays
+    from distill3d.representations.nerf.rendering import march_torch, ray_sphere_bounds
+
+    torch.manual_seed(0)
+    nerf = make(samples_per_ray=48)
+    with torch.no_grad():  # a non-trivial albedo field so lambertian differs from albedo
+        nerf.encoding.embeddings.normal_(0, 0.5)
+    cam = make_cameras(25.0, 40.0, 3.0, 40.0)
+    size, (row, col) = 9, (3, 5)
+    with torch.no_grad():
+        out = nerf.render(cam, RenderSettings(size, size, shading=mode, background="solid", training=False))
+        origins, dirs = pixel_rays(cam, size, size)
+        o, d = origins[0, row, col][None], dirs[0, row, col][None]
+        near, far, _ = ray_sphere_bounds(o, d, 1.0)
+        samples = march_torch(o, d, near, far, 48, None, False)
+        points = o + d * samples.t_mid[:, None]
+        sigma, albedo = nerf.field(points)
+        light = torch.nn.functional.normalize(cam.position[0], dim=-1)
+        colour = _shade_by_hand(mode, albedo, nerf.normals(points), light)
+        alpha = 1 - torch.exp(-sigma * samples.deltas)
+        trans = torch.cumprod(torch.cat([torch.ones(1), 1 - alpha[:-1]]), 0)
+        w = trans * alpha
+        expected = (w[:, None] * colour).sum(0) + (1 - w.sum()) * out.background[0, row, col]
+    assert 0.5 < w.sum() < 1.0 + 1e-5  # the pixel sees the object
+    assert out.normal is not None or mode == "albedo"
+    torch.testing.assert_close(out.rgb[0, row, col], expected, rtol=1e-4, atol=1e-4)
+    if mode != "albedo":  # the modes differ from each other at this pixel
+        assert (expected - _shade_by_hand("albedo", albedo, nerf.normals(points), light).mul(w[:, None]).sum(0) - (1 - w.sum()) * out.background[0, row, col]).abs().max() > 0.02
 
 
 def test_backgrounds():
@@ -99,9 +131,21 @@ def test_bad_shading_mix_is_rejected():
 
 
 def test_trunc_exp_density_and_dreamfusion_blob():
-    nerf = make(density_activation="trunc_exp", density_blob="dreamfusion", blob_scale=5.0)
-    sigma = nerf.density(torch.zeros(4, 3))
-    assert (sigma > 1).all()
+    """sigma = exp(raw + scale * exp(-|x|^2 / (2 r^2))) with the exp's gradient clamped at 15."""
+    nerf = make(density_activation="trunc_exp", density_blob="dreamfusion", blob_scale=5.0, blob_radius=0.4)
+    points = torch.tensor([[0.0, 0.0, 0.0], [0.2, -0.1, 0.3], [0.6, 0.0, 0.0], [0.0, 0.9, 0.2]])
+    with torch.no_grad():
+        raw = nerf.density_net(nerf.encoding((points + 1) / 2))[:, 0]
+    expected = torch.exp(raw + 5.0 * torch.exp(-(points * points).sum(-1) / (2 * 0.4**2)))
+    torch.testing.assert_close(nerf.density(points), expected, rtol=1e-5, atol=1e-6)
+    # Instant-NGP's truncated exp: the value is exp(x), the gradient exp(min(x, 15)).
+    from distill3d.representations.nerf.model import TruncExp
+
+    x = torch.tensor([0.0, 2.0, 20.0], dtype=torch.float64, requires_grad=True)
+    y = TruncExp.apply(x)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), torch.exp(x.detach()))
+    torch.testing.assert_close(x.grad, torch.exp(torch.tensor([0.0, 2.0, 15.0], dtype=torch.float64)))
 
 
 def test_export_mesh_puts_the_surface_where_renders_do():

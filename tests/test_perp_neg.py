@@ -115,7 +115,7 @@ class KnownViewPrior(Prior):
 @pytest.fixture
 def known_prior(monkeypatch):
     prior = KnownViewPrior()
-    monkeypatch.setattr(sds_module, "build_plugin", lambda kind, spec, ctx, path: prior)
+    monkeypatch.setattr(sds_module, "build_prior", lambda ctx, spec, path: prior)
     return prior
 
 
@@ -124,18 +124,22 @@ def cams(elevation, azimuth):
     return make_cameras(torch.tensor(elevation, dtype=torch.float32), torch.tensor(azimuth, dtype=torch.float32), torch.full((n,), 3.0), torch.full((n,), 40.0))
 
 
-def expected_eps(prior, cameras, scale, **plan_kw):
-    plan = perp_neg_plan(cameras.elevation, cameras.azimuth, **plan_kw)
+def expected_eps(prior, azimuths, scale, weighting="stable-dreamfusion"):
+    """Perp-Neg's eps written out, with each camera's plan row written by hand from methods.md
+    (sds_reference.perp_neg_rows_*), not taken from the code's own perp_neg_plan."""
+    from sds_reference import perp_neg_rows_stable_dreamfusion, perp_neg_rows_threestudio
+
+    row = {"stable-dreamfusion": perp_neg_rows_stable_dreamfusion, "threestudio": perp_neg_rows_threestudio}[weighting]
+    plan = [row(a) for a in azimuths]
     d = prior.directional
-    eps_u = prior.uncond_row.expand(len(cameras), -1, -1, -1)
-    pos = torch.einsum("bd,d...->b...", plan.positive_mix, d)
-    negs = [d[plan.negative_directions[:, i]] for i in range(2)]
+    eps_u = prior.uncond_row.expand(len(azimuths), -1, -1, -1)
+    pos = torch.stack([sum(m * d[k] for k, m in enumerate(p[0])) for p in plan])
     d_pos = pos - eps_u
     acc = torch.zeros_like(d_pos)
-    for i in range(2):
-        for j in range(len(cameras)):
-            a, p = (negs[i][j] - eps_u[j]).flatten(), d_pos[j].flatten()
-            acc[j] += plan.negative_weights[j, i] * (a - (a @ p) / (p @ p) * p).view_as(acc[j])
+    for j, (_, directions, weights) in enumerate(plan):
+        for i in range(2):
+            a, p = (d[directions[i]] - eps_u[j]).flatten(), d_pos[j].flatten()
+            acc[j] += weights[i] * (a - (a @ p) / (p @ p) * p).view_as(acc[j])
     return eps_u + scale * (d_pos + acc)
 
 
@@ -147,7 +151,7 @@ def test_guided_noise_matches_hand_computation_one_call(known_prior, weighting):
     x_t = torch.randn(4, 4, 4, 4)
     t = torch.full((4,), 500)
     eps = g.guided_noise(x_t, t, cameras, None)
-    assert torch.allclose(eps, expected_eps(known_prior, cameras, 7.0, weighting=weighting), atol=1e-4)
+    assert torch.allclose(eps, expected_eps(known_prior, [30.0, 100.0, -170.0, -60.0], 7.0, weighting), atol=1e-4)
     assert len(known_prior.calls) == 1
     assert known_prior.calls[0][0] == 4 * 4  # [uncond, pos, neg_1, neg_2] for 4 cameras
 
@@ -158,7 +162,7 @@ def test_zero_weight_negatives_are_left_out_of_the_call(known_prior):
     x_t = torch.randn(2, 4, 4, 4)
     eps = g.guided_noise(x_t, torch.full((2,), 300), cameras, None)
     assert known_prior.calls[-1][0] == 3 * 2
-    assert torch.allclose(eps, expected_eps(known_prior, cameras, 5.0), atol=1e-4)
+    assert torch.allclose(eps, expected_eps(known_prior, [0.0, 10.0], 5.0), atol=1e-4)
     assert g.last_plan.negative_weights[:, 0].abs().max().item() == 0.0
     # Overhead views: both negatives drop out, plain CFG on the overhead prompt.
     eps = g.guided_noise(torch.randn(1, 4, 4, 4), torch.full((1,), 300), cams([80.0], [0.0]), None)
@@ -166,12 +170,18 @@ def test_zero_weight_negatives_are_left_out_of_the_call(known_prior):
     assert torch.allclose(eps, classifier_free_guidance(known_prior.uncond_row, known_prior.directional[3:4], 5.0), atol=1e-5)
 
 
-def test_perp_neg_sds_step_gives_gradient(known_prior):
+def test_perp_neg_sds_step_gradient_is_weighted_residual(known_prior, monkeypatch):
+    from sds_reference import NoiseRecorder
+
     g = PerpNegSDSGuidance(PerpNegSDSConfig(guidance_scale=10.0), BuildContext(total_steps=10))
+    recorder = NoiseRecorder(known_prior, monkeypatch)
     latents = torch.zeros(2, 4, 4, 4, requires_grad=True)
     out = RenderOutput(rgb=torch.zeros(2, 4, 4, 3), opacity=torch.ones(2, 4, 4, 1), depth=torch.ones(2, 4, 4, 1), background=torch.zeros(2, 4, 4, 3))
     grad = g.sds_grad(latents, cams([0.0, 0.0], [20.0, 150.0]), out, 0)
-    assert grad.shape == latents.shape and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    noise, t = recorder.last["noise"], recorder.last["t"]
+    abar = known_prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = (1 - abar) * (expected_eps(known_prior, [20.0, 150.0], 10.0) - noise)
+    assert torch.allclose(grad, expected, atol=1e-4)
 
 
 def test_config_from_recipe_mapping_and_validation():
@@ -191,12 +201,13 @@ def test_rejects_prior_without_view_conditions(monkeypatch):
         def __init__(self):
             nn.Module.__init__(self)
 
-    monkeypatch.setattr(sds_module, "build_plugin", lambda kind, spec, ctx, path: Plain())
+    monkeypatch.setattr(sds_module, "build_prior", lambda ctx, spec, path: Plain())
     with pytest.raises(ConfigError, match="view-dependent"):
         PerpNegSDSGuidance(PerpNegSDSConfig(prior={"name": "oracle"}), BuildContext())
 
 
-@pytest.mark.parametrize("recipe, prior, scale", [("dreamfusion-sd", "stable-diffusion", 100.0), ("dreamfusion-if", "deepfloyd-if", 20.0)])
+# threestudio's scales 100 (SD) and 20 (IF) are 101 and 21 in the diffusers convention.
+@pytest.mark.parametrize("recipe, prior, scale", [("dreamfusion-sd", "stable-diffusion", 101.0), ("dreamfusion-if", "deepfloyd-if", 21.0)])
 def test_text_to_3d_recipes_resolve_and_accept_perp_neg(recipe, prior, scale):
     from distill3d.engine.recipe import load_recipe, load_recipe_data
 

@@ -46,7 +46,7 @@ class KnownPrior(Prior):
 
 
 def make_guidance(monkeypatch, prior, **cfg):
-    monkeypatch.setattr(sds_module, "build_plugin", lambda kind, spec, ctx, path: prior)
+    monkeypatch.setattr(sds_module, "build_prior", lambda ctx, spec, path: prior)
     return SDSGuidance(SDSConfig(**cfg), BuildContext(total_steps=100))
 
 

@@ -120,6 +120,21 @@ def test_encode_images_resizes_and_keeps_gradient(prior):
     assert rgb.grad is not None and rgb.grad.abs().sum() > 0
 
 
+def test_vae_encode_values_are_the_scaled_posterior_of_the_image_in_minus_one_one(prior):
+    """Written out: resize to the VAE's size, map [0, 1] -> [-1, 1], sample the posterior, times 0.18215."""
+    rgb = torch.rand(2, 3, 24, 24)
+    torch.manual_seed(11)
+    latents = prior.encode_images(rgb)
+    x = torch.nn.functional.interpolate(rgb, (32, 32), mode="bilinear", align_corners=False) * 2 - 1
+    with torch.no_grad():
+        posterior = prior.vae.encode(x).latent_dist
+    torch.manual_seed(11)
+    expected = posterior.sample() * 0.18215
+    torch.testing.assert_close(latents, expected, rtol=1e-4, atol=1e-5)
+    # The scale matters: the unscaled posterior (or a [0, 1] input) is far from it.
+    assert (latents - expected / 0.18215).abs().max() > 10 * (latents - expected).abs().max() + 1e-3
+
+
 def test_rgb_as_latents(sd_dir, cache_dir):
     p = StableDiffusionPrior(StableDiffusionConfig(model=str(sd_dir), rgb_as_latents=True), ctx_for(cache_dir))
     x = torch.rand(1, 4, 64, 64)
@@ -181,20 +196,96 @@ def test_v_prediction_model_is_converted(tmp_path, cache_dir):
     assert torch.allclose(p.predict_noise(x, t, cond), abar.sqrt() * v + (1 - abar).sqrt() * x, atol=1e-5)
 
 
-def test_sds_step_through_the_prior(sd_dir, cache_dir):
-    from distill3d.guidance.perp_neg import PerpNegSDSConfig, PerpNegSDSGuidance
+def _vae_encoder(prior, z: torch.Tensor):
+    """The render (B, H, W, 3) -> latents, written out with a fixed posterior draw z."""
+
+    def encode(rgb):
+        x = torch.nn.functional.interpolate(rgb.permute(0, 3, 1, 2), (32, 32), mode="bilinear", align_corners=False) * 2 - 1
+        posterior = prior.vae.encode(x).latent_dist
+        return (posterior.mean + posterior.std * z) * 0.18215
+
+    return encode
+
+
+def _posterior_draw(prior, rgb, latents):
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(rgb.detach().permute(0, 3, 1, 2), (32, 32), mode="bilinear", align_corners=False) * 2 - 1
+        posterior = prior.vae.encode(x).latent_dist
+    return (latents / 0.18215 - posterior.mean) / posterior.std
+
+
+def _render(b=2, size=24):
+    rgb = torch.rand(b, size, size, 3, requires_grad=True)
+    out = RenderOutput(rgb=rgb, opacity=torch.ones(b, size, size, 1), depth=torch.ones(b, size, size, 1), background=torch.zeros(b, size, size, 3))
+    return rgb, out
+
+
+def test_sds_step_render_gradient_is_weighted_residual_through_the_vae(sd_dir, cache_dir, monkeypatch):
     from distill3d.guidance.sds import SDSConfig, SDSGuidance
 
-    ctx = ctx_for(cache_dir, total_steps=100)
-    rgb = torch.rand(2, 32, 32, 3, requires_grad=True)
-    out = RenderOutput(rgb=rgb, opacity=torch.ones(2, 32, 32, 1), depth=torch.ones(2, 32, 32, 1), background=torch.zeros(2, 32, 32, 3))
+    from sds_reference import NoiseRecorder, cfg, noised, render_gradient
+
+    scale, weight = 7.5, 3.0
+    g = SDSGuidance(SDSConfig(prior={"name": "stable-diffusion", "model": str(sd_dir)}, guidance_scale=scale, weight=weight), ctx_for(cache_dir, total_steps=100))
+    prior = g.prior
+    recorder = NoiseRecorder(prior, monkeypatch)
+    rgb, out = _render()
     cams = cameras([10.0, 10.0], [0.0, 120.0])
-    prior_spec = {"name": "stable-diffusion", "model": str(sd_dir)}
-    for guidance in (SDSGuidance(SDSConfig(prior=prior_spec), ctx), PerpNegSDSGuidance(PerpNegSDSConfig(prior=prior_spec), ctx)):
-        rgb.grad = None
-        loss = guidance(out, cams, 5)["sds"]
-        loss.backward()
-        assert torch.isfinite(loss) and rgb.grad.abs().sum() > 0
+    torch.manual_seed(5)
+    g(out, cams, 5)["sds"].backward()
+    rec = recorder.last
+    latents, noise, t = rec["x"], rec["noise"], rec["t"]
+    cond, uncond = prior.conditions(cams, None)
+    x_t = noised(prior, latents, noise, t)
+    with torch.no_grad():
+        eps_u = prior.unet(x_t, t, encoder_hidden_states=uncond["encoder_hidden_states"]).sample
+        eps_c = prior.unet(x_t, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    grad = (1 - abar) * (cfg(eps_u, eps_c, scale) - noise)
+    expected = render_gradient(_vae_encoder(prior, _posterior_draw(prior, rgb, latents)), rgb, grad, weight)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(rgb.grad, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
+def test_perp_neg_sds_step_matches_the_hand_written_plan_and_formula(sd_dir, cache_dir, monkeypatch):
+    from distill3d.guidance.perp_neg import PerpNegSDSConfig, PerpNegSDSGuidance
+
+    from sds_reference import NoiseRecorder, mixed, noised, perp, perp_neg_rows_stable_dreamfusion, render_gradient, rows
+
+    scale, azimuths = 7.5, [30.0, -170.0]
+    spec = {"name": "stable-diffusion", "model": str(sd_dir)}
+    g = PerpNegSDSGuidance(PerpNegSDSConfig(prior=spec, guidance_scale=scale), ctx_for(cache_dir, total_steps=100))
+    prior = g.prior
+    recorder = NoiseRecorder(prior, monkeypatch)
+    rgb, out = _render()
+    cams = cameras([10.0, 10.0], azimuths)
+    torch.manual_seed(6)
+    g(out, cams, 5)["sds"].backward()
+    rec = recorder.last
+    latents, noise, t = rec["x"], rec["noise"], rec["t"]
+    views = prior.view_conditions(cams)
+    plan = [perp_neg_rows_stable_dreamfusion(a) for a in azimuths]
+    x_t = noised(prior, latents, noise, t)
+
+    def unet(condition):
+        with torch.no_grad():
+            return prior.unet(x_t, t, encoder_hidden_states=condition["encoder_hidden_states"]).sample
+
+    eps_u = unet(views.uncond)
+    d_pos = unet(mixed(views.directional, [p[0] for p in plan])) - eps_u
+    negative = torch.zeros_like(d_pos)
+    for k in range(2):
+        d_k = unet(rows(views.directional, [p[1][k] for p in plan])) - eps_u
+        w_k = torch.tensor([p[2][k] for p in plan]).view(-1, 1, 1, 1)
+        negative = negative + w_k * perp(d_k, d_pos)
+    eps_hat = eps_u + scale * (d_pos + negative)
+    abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
+    grad = (1 - abar) * (eps_hat - noise)
+    expected = render_gradient(_vae_encoder(prior, _posterior_draw(prior, rgb, latents)), rgb, grad, 1.0)
+    torch.testing.assert_close(rgb.grad, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    # The negative terms are not negligible here: plain CFG would give a clearly different gradient.
+    plain = render_gradient(_vae_encoder(prior, _posterior_draw(prior, rgb, latents)), rgb, (1 - abar) * (eps_u + scale * d_pos - noise), 1.0)
+    assert (plain - expected).abs().max() > 0.05 * expected.abs().max()
 
 
 def test_embedding_cache_hit_skips_the_text_encoder(sd_dir, cache_dir, monkeypatch):
@@ -303,3 +394,17 @@ def test_checkpoints_hold_no_model_weights(sd_dir, cache_dir):
     g.load_state_dict(state)  # strict: the frozen networks are not reported missing
     g.load_state_dict({**state, **{f"prior.unet.{k}": v for k, v in g.prior.unet.state_dict().items()}})  # older checkpoints
     assert len(list(g.prior.unet.parameters())) > 0  # still a submodule: moves with .to(device)
+
+
+def test_a_run_caches_its_text_embeddings_under_DISTILL3D_CACHE(sd_dir, tmp_path, monkeypatch):
+    """The README: embeddings are cached under ~/.cache/distill3d, `DISTILL3D_CACHE` moves it."""
+    from distill3d.engine.recipe import load_recipe
+    from distill3d.engine.trainer import Trainer
+
+    monkeypatch.setenv("DISTILL3D_CACHE", str(tmp_path / "moved"))
+    recipe = load_recipe("dreamfusion-sd", [
+        f"guidance.0.prior.model={sd_dir}", "prompt=a red chair", "representation.levels=2", "representation.log2_table_size=10",
+    ])
+    Trainer.create(recipe, tmp_path / "run", quiet=True)
+    cached = list((tmp_path / "moved").rglob("*.safetensors"))
+    assert cached and all("text_embeddings" in str(p) for p in cached)

@@ -148,12 +148,12 @@ def test_fingerprint_invalidation(tmp_path):
 
 
 def test_cache_root_precedence(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILL3D_CACHE_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("DISTILL3D_CACHE", str(tmp_path / "env"))  # the variable the README documents
     assert default_cache_root() == tmp_path / "env"
     assert resolve_cache_root(None, None) == tmp_path / "env"
     assert resolve_cache_root(None, tmp_path / "ctx") == tmp_path / "ctx"
     assert resolve_cache_root(tmp_path / "cfg", tmp_path / "ctx") == tmp_path / "cfg"
-    monkeypatch.delenv("DISTILL3D_CACHE_DIR")
+    monkeypatch.delenv("DISTILL3D_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_root() == tmp_path / "xdg" / "distill3d"
 

@@ -15,7 +15,7 @@ atomically (temporary file + rename), so concurrent runs and interrupted writes 
 corrupt entry; an unreadable entry is treated as a miss and rewritten.
 
 Cache folder: the prior's `cache_dir` setting, else the run's cache folder (BuildContext.cache_dir),
-else $DISTILL3D_CACHE_DIR, else $XDG_CACHE_HOME/distill3d (~/.cache/distill3d); embeddings go in
+else $DISTILL3D_CACHE (as the README says), else $XDG_CACHE_HOME/distill3d (~/.cache/distill3d); embeddings go in
 its `text_embeddings/` subfolder.
 """
 
@@ -53,7 +53,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", "
 
 
 def default_cache_root() -> Path:
-    env = os.environ.get("DISTILL3D_CACHE_DIR")
+    env = os.environ.get("DISTILL3D_CACHE")
     if env:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
