@@ -182,10 +182,10 @@ def test_scene_selection(tmp_path):
     assert isinstance(make_prior().scene, PrimitiveScene)
     path = tmp_path / "ref.json"
     path.write_text(json.dumps({"primitives": [{"type": "sphere", "center": [0, 0, 0], "radius": 0.4, "color": [0, 1, 0]}]}))
-    from_ctx = OraclePrior(OracleConfig(), BuildContext(reference=path))
+    from_ctx = OraclePrior(OracleConfig(), BuildContext(scene=path))
     assert from_ctx.scene.source == str(path) and len(from_ctx.scene) == 1
     # An explicit scene wins over the context's reference; built-in names work.
-    explicit = OraclePrior(OracleConfig(scene="two_cylinders"), BuildContext(reference=path))
+    explicit = OraclePrior(OracleConfig(scene="two_cylinders"), BuildContext(scene=path))
     assert explicit.scene.to_dict() == load_scene("two_cylinders").to_dict()
 
 

@@ -103,7 +103,7 @@ class KnownViewPrior(Prior):
     def conditions(self, cameras, out):
         raise AssertionError("Perp-Neg must use view_conditions")
 
-    def view_conditions(self, cameras):
+    def view_conditions(self, cameras, out=None):
         b = len(cameras)
         return ViewConditions({"e": self.directional}, {"e": self.uncond_row.expand(b, -1, -1, -1)}, view_directions(cameras.elevation, cameras.azimuth))
 
