@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=80)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    recipe = load_recipe("oracle-nerf", [f"reference={DEFAULT_SCENE}", f"trainer.device={args.device}"])
+    recipe = load_recipe("oracle-nerf", [f"scene={DEFAULT_SCENE}", f"trainer.device={args.device}"])
     trainer = Trainer.create(recipe, Path(tempfile.mkdtemp()) / "run", quiet=True)
     for step in range(args.warmup):
         trainer.train_step(step)
