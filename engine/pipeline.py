@@ -22,7 +22,6 @@ import yaml
 
 from distill3d.engine.checkpoint import atomic_write_text
 from distill3d.engine.config import ConfigError, apply_override, apply_overrides, from_dict, load_yaml, to_dict
-from distill3d.engine.errors import UserError
 from distill3d.engine.recipe import RecipeConfig, StageConfig, check_capabilities, recipe_path, resolve_recipe
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -54,6 +53,12 @@ class Pipeline:
 
     def stage_dirs(self, out: Path) -> list[Path]:
         return [s.run_dir(out, self.single) for s in self.stages]
+
+    def seed_from_source(self, stage: Stage, out: Path) -> None:
+        """Point a stage's init_from at the run directory of the stage it is seeded from."""
+        if stage.init_from is not None:
+            source = next(s for s in self.stages if s.name == stage.init_from)
+            stage.recipe.init_from = str(source.run_dir(out, self.single))
 
 
 def stage_overrides(name: str, overrides: list[str] | None) -> list[str]:
@@ -176,10 +181,6 @@ def final_run_dir(path: Path) -> Path:
     return path / doc["stages"][-1]["name"]
 
 
-def _stage_dir_names(pipeline: Pipeline) -> list[str]:
-    return [s.name for s in pipeline.stages]
-
-
 def run_pipeline(pipeline: Pipeline, out: Path, report: Callable, quiet: bool = False, init_from: Path | None = None) -> None:
     """A fresh run of every stage in order. `report(trainer)` trains one stage and returns its
     RunResult (the CLI prints progress and figures); a stage that did not finish stops here."""
@@ -190,12 +191,9 @@ def run_pipeline(pipeline: Pipeline, out: Path, report: Callable, quiet: bool = 
     if not pipeline.single:
         out.mkdir(parents=True, exist_ok=True)
         save_pipeline(pipeline, out)
-    dirs = pipeline.stage_dirs(out)
-    names = _stage_dir_names(pipeline)
-    for i, (stage, stage_dir) in enumerate(zip(pipeline.stages, dirs)):
-        if stage.init_from is not None:
-            stage.recipe.init_from = str(dirs[names.index(stage.init_from)])
-        elif init_from is not None and i == 0:
+    for i, (stage, stage_dir) in enumerate(zip(pipeline.stages, pipeline.stage_dirs(out))):
+        pipeline.seed_from_source(stage, out)
+        if stage.init_from is None and init_from is not None and i == 0:
             stage.recipe.init_from = str(init_from)
         _announce(pipeline, stage, stage_dir, quiet)
         result = report(Trainer.create(stage.recipe, stage_dir, quiet))
@@ -214,9 +212,7 @@ def resume_pipeline(out: Path, overrides: list[str] | None, report: Callable, qu
         report(trainer)
         return
     pipeline = read_pipeline(out, overrides)
-    dirs = pipeline.stage_dirs(out)
-    names = _stage_dir_names(pipeline)
-    for stage, stage_dir in zip(pipeline.stages, dirs):
+    for stage, stage_dir in zip(pipeline.stages, pipeline.stage_dirs(out)):
         if (stage_dir / "config.yaml").exists():
             if run_finished(stage_dir):
                 if not quiet:
@@ -224,8 +220,7 @@ def resume_pipeline(out: Path, overrides: list[str] | None, report: Callable, qu
                 continue
             trainer = Trainer.resume(stage_dir, stage_overrides(stage.name, overrides), quiet)
         else:
-            if stage.init_from is not None:
-                stage.recipe.init_from = str(dirs[names.index(stage.init_from)])
+            pipeline.seed_from_source(stage, out)
             trainer = Trainer.create(stage.recipe, stage_dir, quiet)
         _announce(pipeline, stage, stage_dir, quiet)
         result = report(trainer)

@@ -99,11 +99,6 @@ def load_run(run_dir: Path, purpose: str = "--init-from"):
     return recipe, representation.eval()
 
 
-def load_run_representation(run_dir: Path):
-    """The representation of a run at its latest checkpoint (see load_run)."""
-    return load_run(run_dir)[1]
-
-
 def _cache_dir() -> Path:
     return Path(os.environ.get("DISTILL3D_CACHE", Path.home() / ".cache" / "distill3d"))
 
