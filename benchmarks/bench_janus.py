@@ -12,8 +12,9 @@ front-biased like a real text-to-image model:
     sds-view          SDS with view-dependent prompts ("<prompt>, back view" ...)
     perp-neg-sd       Perp-Neg, the Perp-Neg authors' (stable-dreamfusion) negative weights
     perp-neg-ts       Perp-Neg, threestudio's negative weights
-    oracle-zero123    image-to-3D from the front view with the oracle Zero123 prior, when that
-                      prior is registered (``oracle-zero123``); otherwise skipped with a note
+    oracle-zero123    image-to-3D from one exact front render (elevation 0) with the reference-view
+                      losses and the oracle Zero123 prior (recipe oracle-zero123), skipped with a
+                      note where that prior is not registered
 
 Per method (mean over seeds): PSNR and mask IoU against exact renders over all evaluation views
 (evenly spaced azimuths at elevation 15) and over the back half (|azimuth| > 90), and the Janus
@@ -46,6 +47,7 @@ from distill3d.engine.interfaces import RenderSettings  # noqa: E402
 from distill3d.engine.recipe import load_recipe_data, resolve_recipe  # noqa: E402
 from distill3d.engine.references import load_reference  # noqa: E402
 from distill3d.engine.reference_scene import resolve_scene_path  # noqa: E402
+from distill3d.engine.reference_view import render_input_image  # noqa: E402
 from distill3d.engine.trainer import Trainer  # noqa: E402
 from distill3d.plugins.registry import Registry  # noqa: E402
 
@@ -64,15 +66,33 @@ METHODS = [
     Method("perp-neg-sd", "sds-perp-neg", {}, {"perp_neg_weighting": "stable-dreamfusion"}),
     Method("perp-neg-ts", "sds-perp-neg", {}, {"perp_neg_weighting": "threestudio"}),
 ]
-ZERO123 = "oracle-zero123"
+ZERO123 = Method("oracle-zero123", "sds")  # its recipe is oracle-zero123 (zero123_recipe)
+TEXT_ELEVATION = [-10, 45]  # text-to-3D's camera range (dreamfusion-sd), for every method
+
+
+def _base_data(recipe: str, name: str, seed: int, steps: int, resolution: int) -> dict:
+    data = load_recipe_data(recipe)
+    data["name"] = f"janus-{name}"
+    data["seed"] = seed
+    data["trainer"].update(steps=steps, resolution=resolution, checkpoint_every=10**9, log_every=10**9)
+    data["cameras"]["elevation"] = TEXT_ELEVATION
+    return data
+
+
+def zero123_recipe(scene: str, image: Path, seed: int, steps: int, resolution: int):
+    """The shipped oracle image-to-3D recipe on the same steps, resolution and cameras as the
+    text methods: reference-view losses on `image` plus the oracle Zero123 prior."""
+    data = _base_data("oracle-zero123", ZERO123.name, seed, steps, resolution)
+    data["scene"] = scene
+    data["reference_view"].update(image=str(image), elevation=0.0)
+    for guidance in data["guidance"]:
+        if guidance["name"] == "reference":
+            guidance["resolution"] = resolution
+    return resolve_recipe(data)
 
 
 def recipe_for(method: Method, scene: str, seed: int, steps: int, resolution: int, prior_overrides: dict):
-    data = load_recipe_data("oracle-nerf")
-    data["name"] = f"janus-{method.name}"
-    data["seed"] = seed
-    data["trainer"].update(steps=steps, resolution=resolution, checkpoint_every=10**9, log_every=10**9)
-    data["cameras"]["elevation"] = [-10, 45]  # text-to-3D's range (dreamfusion-sd); rarely "overhead"
+    data = _base_data("oracle-nerf", method.name, seed, steps, resolution)
     prior = {"name": "biased-oracle", "scene": scene, **method.prior, **prior_overrides}
     data["guidance"] = [
         {"name": method.guidance, "guidance_scale": 1.0, "weighting": "sds", "timesteps": {"t_min": 0.02, "t_max": 0.98}, "prior": prior, **method.extra}
@@ -127,7 +147,10 @@ def turntable(representation, frames: int, resolution: int) -> torch.Tensor:
 
 
 def run_method(method: Method, scene: str, seed: int, args, root: Path, prior_overrides: dict):
-    recipe = recipe_for(method, scene, seed, args.steps, args.resolution, prior_overrides)
+    if method.name == ZERO123.name:
+        recipe = zero123_recipe(scene, root / "input.png", seed, args.steps, args.resolution)
+    else:
+        recipe = recipe_for(method, scene, seed, args.steps, args.resolution, prior_overrides)
     trainer = Trainer(recipe, root / f"{method.name}-seed{seed}", quiet=True)
     trainer.build_optimizer()
     start = time.perf_counter()
@@ -143,10 +166,23 @@ def run_method(method: Method, scene: str, seed: int, args, root: Path, prior_ov
     return result, frames
 
 
+def label_strip(name: str, frames: torch.Tensor) -> torch.Tensor:
+    """`frames` (F, H, W, 3) with a white band above holding the column's name."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    F, H, W, _ = frames.shape
+    band = Image.new("RGB", (W, 14), "white")
+    ImageDraw.Draw(band).text((2, 1), name[: max(1, W // 6)], fill="black")
+    band = torch.from_numpy(np.array(band)).float() / 255
+    return torch.cat([band[None].expand(F, -1, -1, -1), frames], dim=1)
+
+
 def write_gif(path: Path, columns: list[tuple[str, torch.Tensor]], fps: int) -> None:
+    """One animated strip, a labelled column per method (turntables in step)."""
     import imageio.v3 as iio
 
-    strip = torch.cat([frames for _, frames in columns], dim=2)  # (F, H, W * methods, 3)
+    strip = torch.cat([label_strip(name, frames) for name, frames in columns], dim=2)  # (F, H + 14, W * n, 3)
     images = (strip * 255).round().to(torch.uint8).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, list(images), extension=".gif", duration=1000 / fps, loop=0)
@@ -160,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--eval-views", type=int, default=16)
     p.add_argument("--eval-resolution", type=int, default=32)
-    p.add_argument("--methods", nargs="+", default=None, help="subset of: " + ", ".join([m.name for m in METHODS] + [ZERO123]))
+    p.add_argument("--methods", nargs="+", default=None, help="subset of: " + ", ".join(m.name for m in METHODS + [ZERO123]))
     p.add_argument("--set", dest="prior_set", action="append", default=[], metavar="KEY=VALUE", help="biased-oracle setting, e.g. front_bias=3")
     p.add_argument("--quick", action="store_true", help="one seed (0)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (one torch thread each)")
@@ -177,15 +213,22 @@ def main(argv: list[str] | None = None) -> int:
 
     prior_overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.prior_set)}
     scene = str(resolve_scene_path(args.scene))
-    methods = [m for m in METHODS if args.methods is None or m.name in args.methods]
-    want_zero123 = args.methods is None or ZERO123 in args.methods
+    known = [m.name for m in METHODS + [ZERO123]]
+    unknown = sorted(set(args.methods or []) - set(known))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    methods = [m for m in METHODS + [ZERO123] if args.methods is None or m.name in args.methods]
     notes = []
-    if want_zero123 and ZERO123 not in Registry("prior").names():
-        notes.append(f"{ZERO123}: skipped, the prior is not registered in this installation (image-to-3D issue)")
+    if ZERO123 in methods and ZERO123.name not in Registry("prior").names():
+        methods.remove(ZERO123)
+        notes.append(f"{ZERO123.name}: skipped, the prior is not registered in this installation")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"machine: {machine_description()}", flush=True)
     print(f"scene {args.scene}, seeds {args.seeds}, {args.steps} steps at {args.resolution}px, prior overrides {prior_overrides or 'none'}", flush=True)
     root = args.out or Path(tempfile.mkdtemp(prefix="distill3d-janus-"))
+    if ZERO123 in methods:  # the image-to-3D input: one exact front render, as `demo --image-to-3d`
+        root.mkdir(parents=True, exist_ok=True)
+        render_input_image(scene, root / "input.png", load_recipe_data(ZERO123.name)["reference_view"], elevation=0.0)
     results, gif_columns = {}, []
     if args.gif:
         ref = load_reference(scene)

@@ -130,27 +130,6 @@ def _demo_recipe(stages: str, image_to_3d: bool) -> str:
     return table[key]
 
 
-def _render_input_image(scene: Path, out: Path, recipe: str, elevation: float) -> Path:
-    """The demo's image-to-3D input: the scene rendered once from the reference camera (RGBA)."""
-    import torch
-
-    from distill3d.engine.config import load_yaml
-    from distill3d.engine.recipe import recipe_path
-    from distill3d.engine.reference_view import ReferenceViewConfig, reference_camera
-    from distill3d.engine.references import load_reference
-    from distill3d.engine.image_input import save_rgba
-
-    data = load_yaml(recipe_path(recipe)).get("reference_view") or {}
-    config = ReferenceViewConfig(**{k: v for k, v in data.items() if k in ("distance", "fovy", "size")}, elevation=elevation)
-    size = config.size
-    ref = load_reference(scene).render(reference_camera(config), size, size, background=torch.zeros(1, size, size, 3))
-    alpha = ref.opacity[0]
-    rgb = torch.where(alpha > 0, ref.rgb[0] / alpha.clamp_min(1e-6), ref.rgb[0])
-    path = out / "input.png"
-    save_rgba(torch.cat([rgb, alpha], -1).clamp(0, 1), path)
-    return path
-
-
 @app.command()
 @friendly_errors
 def demo(
@@ -184,7 +163,12 @@ def demo(
     pipeline = load_pipeline(recipe, set_, values)  # every stage checked before any work
     if image_to_3d:
         check_fresh_run_dir(out)
-        image = _render_input_image(reference, out, recipe, elevation)
+        from distill3d.engine.config import load_yaml
+        from distill3d.engine.recipe import recipe_path
+        from distill3d.engine.reference_view import render_input_image
+
+        view = load_yaml(recipe_path(recipe)).get("reference_view") or {}
+        image = render_input_image(reference, out / "input.png", view, elevation)
         values.update({"reference_view.image": str(image.resolve()), "reference_view.elevation": elevation})
         pipeline = load_pipeline(recipe, set_, values)
     _run_pipeline(pipeline, out, quiet)

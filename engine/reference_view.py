@@ -95,3 +95,19 @@ def load_reference_view(config: ReferenceViewConfig, run_dir: Path | None) -> Re
     if run_dir is not None:
         save_rgba(rgba, Path(run_dir) / "reference.png")
     return ReferenceView(rgba=rgba, camera=reference_camera(config), depth=depth, source=Path(config.image))
+
+
+def render_input_image(scene: str | Path, path: Path, view: dict, elevation: float) -> Path:
+    """An exact render of `scene` from the reference camera (`view`: a recipe's reference_view
+    data; its distance, fovy and size are used) saved as straight-alpha RGBA: the offline
+    image-to-3D input of the demo and the Janus benchmark."""
+    from distill3d.engine.image_input import save_rgba
+    from distill3d.engine.references import load_reference
+
+    config = ReferenceViewConfig(**{k: v for k, v in view.items() if k in ("distance", "fovy", "size")}, elevation=elevation)
+    size = config.size
+    ref = load_reference(scene).render(reference_camera(config), size, size, background=torch.zeros(1, size, size, 3))
+    alpha = ref.opacity[0]
+    rgb = torch.where(alpha > 0, ref.rgb[0] / alpha.clamp_min(1e-6), ref.rgb[0])
+    save_rgba(torch.cat([rgb, alpha], -1).clamp(0, 1), path)
+    return path
