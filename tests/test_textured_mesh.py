@@ -234,3 +234,22 @@ def test_refine_decodes_through_a_vae_prior(kind, tmp_path, monkeypatch):
         prior = {"name": kind, "model": str(build_tiny_zero123(tmp_path / "z")), "local_files_only": True, "image_size": 32}
         ctx = {"reference_view": _reference_view()}
     check_guidance("refine", {"prior": prior, "guidance_scale": 3.0, "ddim_steps": 10}, tmp_path, size=16, **ctx)
+
+
+def test_a_texture_run_stopped_before_its_first_checkpoint_resumes_seeded(tmp_path):
+    """No checkpoint yet: resume starts the stage again from its init_from source (not from an
+    empty surface)."""
+    from distill3d.engine.trainer import Trainer
+
+    values = {"scene": "default"}
+    stages = load_pipeline("oracle-gaussians-mesh", [s for s in TINY if not s.startswith("trainer.steps")] + ["trainer.steps=2"], values).stages
+    gaussians, mesh = tmp_path / "gaussians", tmp_path / "mesh"
+    Trainer.create(stages[0].recipe, gaussians, quiet=True).fit()
+    stages[1].recipe.init_from = str(gaussians)
+    trainer = Trainer.create(stages[1].recipe, mesh, quiet=True)
+    faces = int(trainer.representation.faces.shape[0])
+    trainer.close()  # stopped before any step
+    resumed = Trainer.resume(mesh, quiet=True)
+    assert int(resumed.representation.faces.shape[0]) == faces > 0
+    resumed.fit()
+    assert (mesh / "mesh.glb").exists()
