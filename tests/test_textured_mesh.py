@@ -17,7 +17,6 @@ from distill3d.engine.interfaces import BuildContext, RenderSettings
 from distill3d.engine.pipeline import load_pipeline
 from distill3d.guidance.refine import ddim_timesteps
 from distill3d.plugins.registry import build_plugin
-from distill3d.representations.mesh.textured import TexturedMesh
 
 
 @pytest.fixture(autouse=True)
@@ -253,3 +252,32 @@ def test_a_texture_run_stopped_before_its_first_checkpoint_resumes_seeded(tmp_pa
     assert int(resumed.representation.faces.shape[0]) == faces > 0
     resumed.fit()
     assert (mesh / "mesh.glb").exists()
+
+
+def test_dreamgaussian_image_pipeline_with_a_tiny_zero123(tmp_path):
+    """Both DreamGaussian stages from one image: Gaussians (Zero123 SDS + reference losses), then
+    the texture refined against tiny-Zero123 denoised renders plus the input view's RGB."""
+    import json
+
+    import imageio.v3 as iio
+
+    from tiny_zero123 import build_tiny_zero123
+
+    image = np.zeros((48, 48, 4), np.uint8)
+    image[12:36, 14:34] = [230, 120, 30, 255]
+    iio.imwrite(tmp_path / "photo.png", image)
+    model = build_tiny_zero123(tmp_path / "z123")
+    small = [
+        "trainer.resolution=16", "trainer.eval_resolution=16", "trainer.eval_views=2", "trainer.video_frames=2",
+        "trainer.video_resolution=16", "trainer.log_every=1", "reference_view.size=32", "guidance.1.resolution=16",
+        "gaussians:representation.num_points=300", "gaussians:representation.init_opacity=0.5",
+        "mesh:representation.texture_size=64", "mesh:representation.source_resolution=32", "mesh:representation.source_faces=2000",
+        "mesh:trainer.export_texture_size=64",
+    ]
+    out = tmp_path / "dg"
+    code, _, err = cli("generate", "--image", str(tmp_path / "photo.png"), "--recipe", "dreamgaussian", "--model", str(model),
+                       "--steps", "2", "--out", str(out), "--quiet", *sum((["--set", s] for s in small), []))
+    assert code == 0, err
+    last = [json.loads(line) for line in (out / "mesh" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {"refine", "ref_rgb"} <= set(last)
+    assert (out / "mesh" / "mesh.glb").exists() and not (out / "gaussians" / "mesh.glb").exists()
