@@ -255,6 +255,11 @@ class Prior(nn.Module):
         """(B, 3, H, W) in [0, 1] -> the prior's space, differentiable."""
         raise NotImplementedError
 
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """The prior's space -> (B, 3, h, w) images in [0, 1], without a graph (what the refine
+        guidance compares renders with). Priors that cannot decode leave this unimplemented."""
+        raise NotImplementedError(f"prior {type(self).__name__} cannot decode its space into images")
+
     def encode_render(self, out: RenderOutput) -> Tensor:
         """A render -> the prior's space, differentiable. Default: its RGB through encode_images;
         priors that want more channels (rgb_as_latents) override this."""

@@ -241,7 +241,9 @@ class Trainer:
             try:
                 if found is not None:
                     trainer.load_state(found[1])
-                else:
+                else:  # stopped before its first checkpoint: start again, seeded as when created
+                    if recipe.init_from:
+                        trainer.representation.initialize_from(load_run(Path(recipe.init_from))[1])
                     trainer.build_optimizer()
             except (RuntimeError, ValueError, KeyError) as exc:
                 if not overrides:

@@ -338,3 +338,30 @@ def test_initialize_from_a_surface_mesh():
     assert done["points"] == 300 and done["mesh_faces"] > 100
     assert float((g.means.detach().norm(dim=-1) - 0.3).abs().max()) < 0.03
     torch.testing.assert_close(g.colors().detach(), torch.tensor([[0.1, 0.8, 0.2]]).expand(300, 3), atol=1e-4, rtol=0)
+
+
+def test_export_density_widens_by_the_training_footprint_dilation():
+    """The renderer widens every footprint by eps2d px^2: the export density widens every Gaussian
+    by sqrt(eps2d) times the world size of a pixel at the scene centre in the last training render
+    (kept in checkpoints), or by export_dilation when set."""
+    from distill3d.engine.cameras import make_cameras
+
+    torch.manual_seed(0)
+    g = make(50)
+    assert g.export_dilation() == 0.0 and torch.equal(g.field_scales(), g.scales)  # never trained: no widening
+    cams = make_cameras(torch.tensor([10.0]), torch.tensor([30.0]), torch.tensor([3.2]), torch.tensor([42.5]))
+    with torch.no_grad():
+        g.render(cams, RenderSettings(64, 64, training=False))
+        assert g.export_dilation() == 0.0  # evaluation renders do not count
+        g.render(cams, RenderSettings(64, 64, training=True))
+    pixel = 3.2 / float(cams.focal(64)[0])
+    assert g.export_dilation() == pytest.approx(math.sqrt(0.3) * pixel) and 0.015 < g.export_dilation() < 0.03
+    torch.testing.assert_close(g.field_scales(), (g.scales.square() + g.export_dilation() ** 2).sqrt())
+    far = g.means.detach()[:1] + torch.tensor([[0.0, 0.0, 0.3]])
+    widened = float(g.density(far))
+    fresh = make(50)
+    fresh.load_state_dict(g.state_dict())
+    fresh.load_extra_state(g.extra_state())
+    assert fresh.export_dilation() == g.export_dilation()
+    fresh.config.export_dilation = 0.0
+    assert float(fresh.density(far)) < widened

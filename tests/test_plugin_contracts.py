@@ -18,6 +18,7 @@ from tiny_models import build_tiny_if, build_tiny_sd
 from tiny_zero123 import build_tiny_zero123
 
 TINY_SD, TINY_IF, TINY_Z123 = "<tiny-sd>", "<tiny-if>", "<tiny-zero123>"
+TINY_MESH = "<tiny-mesh>"  # a small coloured sphere written as an OBJ (no UVs: unwrapped and baked)
 TINY_FIELD = {"levels": 4, "log2_table_size": 10, "max_resolution": 32, "hidden_dim": 16}
 SETTINGS = {
     "representation:nerf": {**TINY_FIELD, "samples_per_ray": 16, "occupancy": {"resolution": 16, "update_every": 2, "warmup_steps": 2}},
@@ -32,6 +33,8 @@ SETTINGS = {
     "prior:biased-oracle": {"image_size": 32},
     "prior:oracle-zero123": {"image_size": 32},
     "prior:zero123": {"model": TINY_Z123, "local_files_only": True, "image_size": 32},
+    "representation:textured-mesh": {"mesh": TINY_MESH, "texture_size": 32},
+    "guidance:refine": {"prior": {"name": "oracle", "image_size": 16}, "guidance_scale": 1.0, "ddim_steps": 10},
 }
 
 
@@ -71,6 +74,15 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
             TINY_Z123: str(build_tiny_zero123(root / "zero123"))}
 
 
+@pytest.fixture(scope="module")
+def tiny_mesh(tmp_path_factory) -> dict[str, str]:
+    import trimesh
+
+    path = tmp_path_factory.mktemp("mesh") / "sphere.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.5).export(path)
+    return {TINY_MESH: str(path)}
+
+
 def fill(value, models):
     if isinstance(value, dict):
         return {k: fill(v, models) for k, v in value.items()}
@@ -82,6 +94,8 @@ def test_registered_plugin_meets_the_contract(case, tmp_path, request):
     case = copy.deepcopy(case)
     if any(marker in repr(case.settings) for marker in (TINY_SD, TINY_IF, TINY_Z123)):  # build the tiny models only when asked
         case.settings = fill(case.settings, request.getfixturevalue("tiny_models"))
+    if TINY_MESH in repr(case.settings):
+        case.settings = fill(case.settings, request.getfixturevalue("tiny_mesh"))
     case.run(tmp_path)
 
 

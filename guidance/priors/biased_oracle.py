@@ -194,6 +194,10 @@ class BiasedOraclePrior(Prior):
     def encode_images(self, rgb: Tensor) -> Tensor:
         return self._resize(rgb) * 2 - 1
 
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
     def encode_render(self, out: RenderOutput) -> Tensor:
         self._last_render = out  # view_conditions() binds its cameras to this render's size and background
         return super().encode_render(out)

@@ -116,6 +116,10 @@ class DeepFloydIFPrior(TextDiffusionPrior):
         x = rgb if tuple(rgb.shape[-2:]) == size else F.interpolate(rgb, size, mode="bilinear", align_corners=False)
         return x.float() * 2 - 1
 
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        return ((latents.float()[:, :3] + 1) / 2).clamp(0, 1)
+
     def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition, is_conditional: Tensor | None = None) -> Tensor:
         out = self.unet_forward(x_t, t, condition)
         noise = out[:, : self.image_channels]

@@ -117,6 +117,11 @@ class OraclePrior(Prior):
         return self._resize(rgb) * 2 - 1
 
     @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """[-1, 1] pixels -> [0, 1] images (at image_size when set)."""
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
     def reference_render(self, cameras: Cameras, height: int, width: int, background: Tensor | None = None) -> RenderOutput:
         """Exact render of the reference scene (for metrics and conditions)."""
         return self.scene.render(cameras, height, width, background=background)

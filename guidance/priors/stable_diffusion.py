@@ -294,6 +294,16 @@ class StableDiffusionPrior(TextDiffusionPrior):
             latents = posterior.sample() * self.scaling_factor
         return latents.float()
 
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """VAE latents -> [0, 1] images (rgb_as_latents: the latent's first three channels as RGB)."""
+        if self.config.rgb_as_latents:
+            return ((latents.float()[:, :3] + 1) / 2).clamp(0, 1)
+        x = (latents / self.scaling_factor).to(self.device, self.vae_dtype)
+        with oom_guard(self.oom, "VAE decoder"):
+            images = self.vae.decode(x).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
     def predict_noise(self, x_t: Tensor, t: Tensor, condition: Condition, is_conditional: Tensor | None = None) -> Tensor:
         out = self.unet_forward(x_t, t, condition)
         return model_output_to_epsilon(out, x_t.to(out.device), t, self.alphas_cumprod, self.prediction_type)

@@ -372,6 +372,13 @@ class Zero123Prior(ReferenceCameraPrior):
             latents = self.vae.encode(x).latent_dist.sample() * self.scaling_factor
         return latents.float()
 
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        x = (latents / self.scaling_factor).to(self.device, self.dtype)
+        with oom_guard(self.oom, "VAE decoder"):
+            images = self.vae.decode(x).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
     def encoder_states(self, condition: Condition, weight: Tensor) -> Tensor:
         """projection(cat[CLIP embedding, camera vector]) for conditional rows, zeros otherwise: (B, 1, D)."""
         camera = condition["camera"].to(self.device, torch.float32)

@@ -8,7 +8,7 @@ close range), composited over a background with the rasterizer's antialiased cov
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -48,10 +48,13 @@ def render_mesh(
     need_normals: bool = True,
     near: float = 0.01,
     far: float = 100.0,
+    shade: Callable[[Tensor, Tensor | None], Tensor] | None = None,
 ) -> RenderOutput:
     """RenderOutput with rgb composited over `background`, opacity, ray-distance depth and world
     normals (interpolated vertex normals; the mesh's own when it has them). Differentiable w.r.t.
-    vertex positions, colours and texture."""
+    vertex positions, colours and texture. `shade(albedo, normal)` (B, H, W, 3) each, normal None
+    unless need_normals, turns the albedo into the colour composited (lighting; the textured-mesh
+    representation's shading modes); extras["albedo"] stays the unshaded albedo."""
     device = cameras.device
     mesh = mesh.to(device)
     B = len(cameras)
@@ -66,19 +69,20 @@ def render_mesh(
         albedo = interpolate(mesh.vertex_colors[:, :3], frags, faces)
     else:
         albedo = mask.expand(B, height, width, 3) * DEFAULT_GREY
-    bg = _background(background, B, height, width, device, clip.dtype)
-    if antialias:
-        aa = _antialias(torch.cat([albedo, mask], dim=-1), frags, clip, faces)
-        color, opacity = aa[..., :3], aa[..., 3:].clamp(0.0, 1.0)
-    else:
-        color, opacity = albedo, mask
-    rgb = (color + (1.0 - opacity) * bg).clamp(0.0, 1.0)
-    pos = interpolate(mesh.vertices, frags, faces)
-    depth = (pos - cameras.position[:, None, None, :]).norm(dim=-1, keepdim=True) * mask
     normal = None
     if need_normals:
         vn = mesh.normals if mesh.normals is not None else vertex_normals(mesh.vertices, faces)
         normal = torch.nn.functional.normalize(interpolate(vn, frags, faces), dim=-1) * mask
+    colour = albedo if shade is None else shade(albedo, normal) * mask
+    bg = _background(background, B, height, width, device, clip.dtype)
+    if antialias:
+        aa = _antialias(torch.cat([colour, mask], dim=-1), frags, clip, faces)
+        color, opacity = aa[..., :3], aa[..., 3:].clamp(0.0, 1.0)
+    else:
+        color, opacity = colour, mask
+    rgb = (color + (1.0 - opacity) * bg).clamp(0.0, 1.0)
+    pos = interpolate(mesh.vertices, frags, faces)
+    depth = (pos - cameras.position[:, None, None, :]).norm(dim=-1, keepdim=True) * mask
     return RenderOutput(rgb=rgb, opacity=opacity, depth=depth, background=bg, normal=normal, extras={"fragments": frags, "albedo": albedo})
 
 
