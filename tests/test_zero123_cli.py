@@ -107,3 +107,18 @@ def test_bad_input_image_is_one_clear_line(models, tmp_path, kind):
     code, err = cli("generate", "--image", str(path), "--recipe", "zero123", "--model", str(models["Zero123Pipeline"]), "--out", str(out), "--quiet")
     assert code != 0 and expected in err and "Traceback" not in err
     assert not (out / "reference.png").exists() and not (out / "checkpoints").exists()
+
+
+def test_demo_image_to_3d_into_gaussians(tmp_path):
+    """`demo --image-to-3d --stages gaussians`: the shipped oracle-zero123-gaussians recipe learns the
+    scene from the rendered image alone."""
+    out = tmp_path / "demo"
+    code, err = cli("demo", "--image-to-3d", "--stages", "gaussians", "--steps", "40", "--out", str(out), "--quiet",
+                    *sets("representation.num_points=500", "trainer.resolution=24", "trainer.eval_resolution=24", "trainer.eval_views=2",
+                          "trainer.video_frames=2", "trainer.video_resolution=16", "trainer.log_every=1", "guidance.0.resolution=24",
+                          "reference_view.size=64"))
+    assert code == 0, err
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["representation"]["name"] == "gaussians" and config["guidance"][1]["prior"]["name"] == "oracle-zero123"
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert evaluation["psnr"] > 12.0, evaluation
