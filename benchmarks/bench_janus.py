@@ -166,6 +166,9 @@ def run_method(method: Method, scene: str, seed: int, args, root: Path, prior_ov
     return result, frames
 
 
+SHORT_LABELS = {"sds-plain": "plain", "sds-view": "view", "perp-neg-sd": "PN sd", "perp-neg-ts": "PN ts", "oracle-zero123": "zero123"}
+
+
 def label_strip(name: str, frames: torch.Tensor) -> torch.Tensor:
     """`frames` (F, H, W, 3) with a white band above holding the column's name."""
     import numpy as np
@@ -173,7 +176,7 @@ def label_strip(name: str, frames: torch.Tensor) -> torch.Tensor:
 
     F, H, W, _ = frames.shape
     band = Image.new("RGB", (W, 14), "white")
-    ImageDraw.Draw(band).text((2, 1), name[: max(1, W // 6)], fill="black")
+    ImageDraw.Draw(band).text((2, 1), SHORT_LABELS.get(name, name)[: max(1, W // 6)], fill="black")
     band = torch.from_numpy(np.array(band)).float() / 255
     return torch.cat([band[None].expand(F, -1, -1, -1), frames], dim=1)
 
