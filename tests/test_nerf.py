@@ -161,6 +161,24 @@ def test_normal_smoothness_regulariser_in_training_renders():
         make(normal_smooth_kernel=4)
 
 
+def test_normal_regularisers_only_cost_normals_at_their_steps():
+    nerf = make(normal_smooth_weight={"linear": [[0, 0.0], [50, 0.0], [51, 1.0]]}, regularizer_every=2)
+    cams, settings = orbit_cameras(1, distance=3.0), RenderSettings(8, 8, shading="albedo")
+    for step, expect in ((10, None), (61, None), (62, 2.0)):  # off by schedule, off-step, on (x every)
+        nerf.update(step)
+        out = nerf.render(cams, settings)
+        assert (out.normal is not None) == (expect is not None)
+        terms = nerf.regularizers(out, step)
+        if expect is None:
+            assert terms == {}
+        else:
+            from distill3d.representations.nerf.model import normal_smoothness_2d
+
+            assert terms["normal_smooth"].item() == pytest.approx(expect * normal_smoothness_2d(out.normal, out.opacity).item())
+    with pytest.raises(Exception, match="regularizer_every must be >= 1"):
+        make(regularizer_every=0)
+
+
 def test_bad_shading_mix_is_rejected():
     with pytest.raises(ValueError, match="unknown shading mode 'toon'"):
         make(shading={"train_mix": {"toon": 1.0}})

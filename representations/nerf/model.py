@@ -94,6 +94,10 @@ class NeRFConfig(HashGridSettings):
     opacity_weight: ScheduleSpec = 0.0
     normal_smooth_weight: ScheduleSpec = 0.0
     normal_smooth_kernel: int = 5
+    # Training renders need normals (6 extra density evaluations per sample, about 5x the step)
+    # only at steps where orientation or normal smoothness is on; these two regularisers are
+    # applied every `regularizer_every` steps (weights scaled by it), 1 = every step.
+    regularizer_every: int = 1
     # Export / seeding threshold: "silhouette" calibrates the density level on the NeRF's own
     # renders (calibration.py), "nominal" is ln 2 / step size (one sample interval 50% opaque).
     surface_calibration: Literal["silhouette", "nominal"] = "silhouette"
@@ -123,6 +127,9 @@ class HashGridNeRF(Representation):
         self.orientation_weight = Schedule.parse(config.orientation_weight, "representation.orientation_weight").resolve(total)
         self.opacity_weight = Schedule.parse(config.opacity_weight, "representation.opacity_weight").resolve(total)
         self.normal_smooth_weight = Schedule.parse(config.normal_smooth_weight, "representation.normal_smooth_weight").resolve(total)
+        if config.regularizer_every < 1:
+            raise UserError(f"representation.regularizer_every must be >= 1 (steps), got {config.regularizer_every}")
+        self._step = 0
         if config.normal_smooth_kernel < 3 or config.normal_smooth_kernel % 2 == 0:
             raise UserError(f"representation.normal_smooth_kernel must be an odd number >= 3 (pixels), got {config.normal_smooth_kernel}")
         self.to(ctx.device)
@@ -172,7 +179,13 @@ class HashGridNeRF(Representation):
 
     def update(self, step: int) -> None:
         self._calibrated_threshold = None  # the field changes: calibrate again when asked
+        self._step = step
         self.occupancy.update(step, self.density, self.step_size)
+
+    def _normal_regularisers_on(self, step: int) -> bool:
+        if step % self.config.regularizer_every:
+            return False
+        return self.orientation_weight(step) > 0 or self.normal_smooth_weight(step) > 0
 
     def _render_rays(self, origins: Tensor, dirs: Tensor, image_of_ray: Tensor, light: Tensor, mode: str, need_normals: bool, training: bool):
         c = self.config
@@ -197,8 +210,7 @@ class HashGridNeRF(Representation):
         mode, light = render_shading(settings, c.shading, cameras.position)
         image_of_ray = torch.arange(b, device=origins.device).repeat_interleave(h * w)
         o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
-        regularised = any(max(v for _, v in w.points) > 0 for w in (self.orientation_weight, self.normal_smooth_weight))
-        want_normals = settings.need_normals or (settings.training and regularised)
+        want_normals = settings.need_normals or (settings.training and self._normal_regularisers_on(self._step))
         if settings.training and torch.is_grad_enabled():
             comp, samples, normals = self._render_rays(o, d, image_of_ray, light, mode, want_normals, True)
             chunks = [comp]
@@ -277,13 +289,15 @@ class HashGridNeRF(Representation):
     # ----- training hooks ----------------------------------------------------------------
     def regularizers(self, out: RenderOutput, step: int) -> dict[str, Tensor]:
         terms = {}
-        w_orient = self.orientation_weight(step)
+        every = self.config.regularizer_every
+        on = self._normal_regularisers_on(step)
+        w_orient = self.orientation_weight(step) * every if on else 0.0
         if w_orient > 0 and "orientation" in out.extras:
             terms["orientation"] = w_orient * out.extras["orientation"]
         w_opacity = self.opacity_weight(step)
         if w_opacity > 0:
             terms["opacity"] = w_opacity * out.opacity.mean()
-        w_smooth = self.normal_smooth_weight(step)
+        w_smooth = self.normal_smooth_weight(step) * every if on else 0.0
         if w_smooth > 0 and out.normal is not None:
             terms["normal_smooth"] = w_smooth * normal_smoothness_2d(out.normal, out.opacity, self.config.normal_smooth_kernel)
         return terms
