@@ -44,6 +44,7 @@ CONFIGS: dict[str, list[str]] = {
     # lower geometry learning rates: SDS at 64 px moves the surface by noise, normal consistency smooths it
     "g64-nc1e3-lr1e3": ["representation.grid_resolution=64", "representation.normal_consistency_weight=1000", "representation.lr_sdf=0.001", "representation.lr_deformation=0.001"],
     "g96-nc1e3-lr1e3": ["representation.grid_resolution=96", "representation.normal_consistency_weight=1000", "representation.lr_sdf=0.001", "representation.lr_deformation=0.001"],
+    "g96-nc1e3-lr1e3-r128": ["representation.grid_resolution=96", "representation.normal_consistency_weight=1000", "representation.lr_sdf=0.001", "representation.lr_deformation=0.001", "trainer.resolution=128"],
     "g128-nc1e3-lr1e3-s150": ["representation.grid_resolution=128", "representation.normal_consistency_weight=1000", "representation.lr_sdf=0.001", "representation.lr_deformation=0.001", "trainer.steps=150"],
 }
 
