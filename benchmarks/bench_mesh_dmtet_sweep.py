@@ -33,6 +33,7 @@ from machine import machine_description  # noqa: E402
 
 # name -> recipe overrides (on top of the shipped oracle-dmtet recipe)
 CONFIGS: dict[str, list[str]] = {
+    "recipe": [],  # the shipped oracle-dmtet recipe as it is
     "old-seed-64": ["representation.seed_sdf=density", "representation.grid_resolution=64", "representation.normal_consistency_weight=0", "representation.laplacian_weight=0"],
     "seed-only-64": ["representation.grid_resolution=64", "trainer.steps=1", "representation.lr_sdf=0", "representation.lr_deformation=0"],
     "g64-nc0": ["representation.grid_resolution=64", "representation.normal_consistency_weight=0", "representation.laplacian_weight=0"],
