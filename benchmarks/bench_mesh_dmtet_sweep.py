@@ -33,6 +33,7 @@ from machine import machine_description  # noqa: E402
 
 # name -> recipe overrides (on top of the shipped oracle-dmtet recipe)
 CONFIGS: dict[str, list[str]] = {
+    "recipe": [],  # the shipped oracle-dmtet recipe as it is
     "old-seed-64": ["representation.seed_sdf=density", "representation.grid_resolution=64", "representation.normal_consistency_weight=0", "representation.laplacian_weight=0"],
     "seed-only-64": ["representation.grid_resolution=64", "trainer.steps=1", "representation.lr_sdf=0", "representation.lr_deformation=0"],
     "g64-nc0": ["representation.grid_resolution=64", "representation.normal_consistency_weight=0", "representation.laplacian_weight=0"],
@@ -41,6 +42,11 @@ CONFIGS: dict[str, list[str]] = {
     "g64-nc1e3-lap1e5": ["representation.grid_resolution=64", "representation.normal_consistency_weight=1000", "representation.laplacian_weight=100000"],
     "g96-nc1e3": ["representation.grid_resolution=96", "representation.normal_consistency_weight=1000", "representation.laplacian_weight=0"],
     "g128-nc1e3": ["representation.grid_resolution=128", "representation.normal_consistency_weight=1000", "representation.laplacian_weight=0"],
+    # lower geometry learning rates: SDS at 64 px moves the surface by noise, normal consistency smooths it
+    "g64-nc1e3-lr1e3": ["representation.grid_resolution=64", "representation.normal_consistency_weight=1000", "representation.lr_sdf=0.001", "representation.lr_deformation=0.001"],
+    "g96-nc1e3-lr1e3": ["representation.grid_resolution=96", "representation.normal_consistency_weight=1000", "representation.lr_sdf=0.001", "representation.lr_deformation=0.001"],
+    "g96-nc1e3-lr1e3-r128": ["representation.grid_resolution=96", "representation.normal_consistency_weight=1000", "representation.lr_sdf=0.001", "representation.lr_deformation=0.001", "trainer.resolution=128"],
+    "g128-nc1e3-lr1e3-s150": ["representation.grid_resolution=128", "representation.normal_consistency_weight=1000", "representation.lr_sdf=0.001", "representation.lr_deformation=0.001", "trainer.steps=150"],
 }
 
 

@@ -275,3 +275,16 @@ def test_export_mesh(tmp_path):
     assert mesh.vertex_colors is not None and info.faces_final == mesh.num_faces and info.faces_marching_cubes > 0
     assert 0 < info.texel_coverage <= 1
     assert save_mesh(mesh, tmp_path / "dmtet.obj")
+
+
+def test_seed_drops_small_solid_pieces_but_keeps_touching_ones():
+    from distill3d.representations.dmtet.model import drop_small_solids
+
+    g = torch.zeros(20, 20, 20, dtype=torch.bool)
+    g[2:12, 2:12, 2:12] = True  # 1000 cells
+    g[12, 12, 12] = True  # touches the cube at a corner: the same piece (26-connectivity)
+    g[15, 15, 15] = True  # a one-cell floater
+    g[16:18, 2:4, 2:4] = True  # 8 cells, 0.8% of the largest
+    out = drop_small_solids(g, 0.02)
+    assert int(out.sum()) == 1001 and out[12, 12, 12] and not out[15, 15, 15] and not out[16:18, 2:4, 2:4].any()
+    assert torch.equal(drop_small_solids(g, 0.0), g) and torch.equal(drop_small_solids(g, 0.0005), g)

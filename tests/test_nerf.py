@@ -125,6 +125,60 @@ def test_regularisers_follow_their_weights():
     assert make().regularizers(out, 0) == {}
 
 
+def test_normal_smoothness_2d_is_zero_on_flat_maps_and_pulls_bumps_flat():
+    from distill3d.representations.nerf.model import normal_smoothness_2d
+
+    h = w = 12
+    flat = torch.zeros(1, h, w, 3)
+    flat[..., 2] = 1.0
+    opacity = torch.ones(1, h, w, 1)
+    assert normal_smoothness_2d(flat, opacity).item() == pytest.approx(0.0, abs=1e-10)
+    # a disc on a transparent background: its silhouette is not a normal edge
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    disc = (((yy - 5.5) ** 2 + (xx - 5.5) ** 2) < 16).float()[None, ..., None]
+    assert normal_smoothness_2d(flat * disc * 0.7, disc * 0.7).item() == pytest.approx(0.0, abs=1e-10)
+    # one tilted pixel costs, and the gradient turns it back towards its neighbours' normal
+    bumpy = flat.clone()
+    bumpy[0, 6, 6] = torch.tensor([0.6, 0.0, 0.8])
+    bumpy.requires_grad_(True)
+    loss = normal_smoothness_2d(bumpy, opacity)
+    assert loss.item() > 1e-3
+    loss.backward()
+    g = bumpy.grad[0, 6, 6]
+    assert g[0] > 0 and g[2] < 0  # descent: x decreases, z increases
+    assert bumpy.grad[0, 0, 0].abs().max() == 0  # the blur is constant: far pixels are not pulled
+
+
+def test_normal_smoothness_regulariser_in_training_renders():
+    nerf = make(normal_smooth_weight=2.0)
+    out = nerf.render(orbit_cameras(1, distance=3.0), RenderSettings(10, 10, shading="albedo"))
+    assert out.normal is not None  # training renders produce normals when the regulariser is on
+    terms = nerf.regularizers(out, 0)
+    assert set(terms) == {"normal_smooth"} and terms["normal_smooth"].item() > 0
+    terms["normal_smooth"].backward()
+    assert nerf.encoding.embeddings.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="normal_smooth_kernel must be an odd number"):
+        make(normal_smooth_kernel=4)
+
+
+def test_normal_regularisers_only_cost_normals_at_their_steps():
+    nerf = make(normal_smooth_weight={"linear": [[0, 0.0], [50, 0.0], [51, 1.0]]}, regularizer_every=2)
+    cams, settings = orbit_cameras(1, distance=3.0), RenderSettings(8, 8, shading="albedo")
+    for step, expect in ((10, None), (61, None), (62, 2.0)):  # off by schedule, off-step, on (x every)
+        nerf.update(step)
+        out = nerf.render(cams, settings)
+        assert (out.normal is not None) == (expect is not None)
+        terms = nerf.regularizers(out, step)
+        if expect is None:
+            assert terms == {}
+        else:
+            from distill3d.representations.nerf.model import normal_smoothness_2d
+
+            assert terms["normal_smooth"].item() == pytest.approx(expect * normal_smoothness_2d(out.normal, out.opacity).item())
+    with pytest.raises(Exception, match="regularizer_every must be >= 1"):
+        make(regularizer_every=0)
+
+
 def test_bad_shading_mix_is_rejected():
     with pytest.raises(ValueError, match="unknown shading mode 'toon'"):
         make(shading={"train_mix": {"toon": 1.0}})
@@ -148,12 +202,33 @@ def test_trunc_exp_density_and_dreamfusion_blob():
     torch.testing.assert_close(x.grad, torch.exp(torch.tensor([0.0, 2.0, 15.0], dtype=torch.float64)))
 
 
-def test_export_mesh_puts_the_surface_where_renders_do():
-    # threshold ln2 / step: a sample interval is 50% opaque there
-    nerf = make(samples_per_ray=64, blob_scale=100.0)
-    assert nerf.surface_threshold == pytest.approx(0.6931 / (2 / 64), rel=1e-3)
+def test_export_mesh_at_the_nominal_threshold():
+    # nominal threshold ln2 / step: a sample interval is 50% opaque there
+    nerf = make(samples_per_ray=64, blob_scale=100.0, surface_calibration="nominal")
+    assert nerf.surface_threshold == nerf.nominal_surface_threshold == pytest.approx(0.6931 / (2 / 64), rel=1e-3)
     mesh, info = nerf.export_mesh(resolution=48, texture_size=32)
     # softplus(100 (1 - r / 0.5)) = 22.18 at r = 0.5 (1 - 0.2218): a sphere of radius ~0.389
     radii = mesh.vertices.norm(dim=-1)
     assert info.faces_final > 100 and radii.mean().item() == pytest.approx(0.389, abs=0.02) and radii.std() < 0.02
     assert mesh.texture is not None and mesh.uv is not None
+
+
+def test_calibrated_export_has_the_renders_silhouettes():
+    """The default threshold is calibrated on the renders: its mesh's silhouettes match them better
+    than the nominal level's (here the soft blob renders much larger than its nominal isosurface; 40 px views, a coarse grid)."""
+    from distill3d.engine.evaluation import mask_iou
+    from distill3d.representations.mesh.render import render_mesh
+
+    nerf = make(samples_per_ray=64, blob_scale=40.0)
+    calibrated = nerf.surface_threshold
+    assert calibrated != pytest.approx(nerf.nominal_surface_threshold, rel=0.05)
+    cams = orbit_cameras(3, elevation=10.0, distance=3.0)
+    with torch.no_grad():
+        rendered = nerf.render(cams, RenderSettings(40, 40, shading="albedo", background="solid", training=False)).opacity[..., 0] > 0.5
+    ious = {}
+    for name, thr in (("calibrated", calibrated), ("nominal", nerf.nominal_surface_threshold)):
+        from distill3d.representations.mesh.texture_bake import mesh_from_fields
+
+        mesh, _ = mesh_from_fields(nerf.density, nerf.albedo, resolution=48, threshold=thr, texture_size=16, smoothing=0)
+        ious[name] = sum(mask_iou(render_mesh(mesh, cams[i], 40, 40).opacity[..., 0] > 0.5, rendered[i : i + 1]) for i in range(3)) / 3
+    assert ious["calibrated"] > 0.8 and ious["calibrated"] > ious["nominal"] + 0.3, ious

@@ -33,7 +33,7 @@ from distill3d.representations.mesh.rasterizer import antialias, face_adjacency,
 from distill3d.representations.fields import HashGridSettings, hash_grid, mlp
 from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
 
-__all__ = ["DMTet", "DMTetConfig", "normal_consistency", "uniform_laplacian"]
+__all__ = ["DMTet", "DMTetConfig", "drop_small_solids", "normal_consistency", "uniform_laplacian"]
 
 
 @dataclass
@@ -46,6 +46,9 @@ class DMTetConfig(HashGridSettings):  # the hash-grid settings are those of the 
     # Seeding from a density field: "redistance" puts the surface on the density's isosurface,
     # off the lattice (redistance.py); "density" is Magic3D's sdf = density / threshold - 1, clamped.
     seed_sdf: Literal["redistance", "density"] = "redistance"
+    # Redistance seeds drop solid pieces smaller than this fraction of the largest (a NeRF's
+    # floaters): exports remove them anyway, but in training renders they cover the object.
+    seed_min_component_fraction: float = 0.02
     # Colour field (hash encoding + MLP -> albedo).
     hidden_dim: int = 64
     hidden_layers: int = 2
@@ -77,6 +80,41 @@ def normal_consistency(vertices: Tensor, faces: Tensor) -> Tensor:
         return vertices.sum() * 0
     a, b = f_idx[pair], adj[pair]
     return (1 - (fn[a] * fn[b]).sum(-1)).mean()
+
+
+def drop_small_solids(inside: Tensor, min_fraction: float) -> Tensor:
+    """An (X, Y, Z) occupancy grid without the connected pieces (26-connectivity) smaller than
+    min_fraction of the largest one (0 keeps everything)."""
+    if min_fraction <= 0 or not bool(inside.any()):
+        return inside
+    from distill3d.representations.mesh.cleanup import connected_components
+
+    shape = inside.shape
+    index = torch.full(shape, -1, dtype=torch.int64)
+    cells = inside.nonzero()
+    index[tuple(cells.T)] = torch.arange(cells.shape[0])
+    pairs = [torch.stack([torch.arange(cells.shape[0]), torch.arange(cells.shape[0])], -1)]
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            for dz in (-1, 0, 1):
+                if (dx, dy, dz) <= (0, 0, 0):
+                    continue  # 13 forward offsets cover every neighbour pair once
+                nb = cells + torch.tensor([dx, dy, dz])
+                ok = ((nb >= 0) & (nb < torch.tensor(shape))).all(-1)
+                j = torch.full((cells.shape[0],), -1, dtype=torch.int64)
+                j[ok] = index[tuple(nb[ok].T)]
+                keep = j >= 0
+                pairs.append(torch.stack([torch.arange(cells.shape[0])[keep], j[keep]], -1))
+    e = torch.cat(pairs)
+    labels = connected_components(torch.stack([e[:, 0], e[:, 1], e[:, 1]], -1), cells.shape[0])
+    # faces are the pairs; the first cells.shape[0] of them are the self-pairs, one per cell
+    cell_label = labels[: cells.shape[0]]
+    sizes = torch.bincount(cell_label)
+    small = sizes < min_fraction * sizes.max()
+    out = inside.clone()
+    drop = small[cell_label]
+    out[tuple(cells[drop].T)] = False
+    return out
 
 
 def uniform_laplacian(vertices: Tensor, faces: Tensor) -> Tensor:
@@ -176,6 +214,8 @@ class DMTet(Representation):
         pts = self.grid_vertices
         d = torch.cat([density_fn(pts[i : i + chunk_size]).reshape(-1).float() for i in range(0, pts.shape[0], chunk_size)])
         inside = self.solid_sdf(d - threshold, fill_value=1.0) > 0
+        m = self.config.grid_resolution + 1
+        inside = drop_small_solids(inside.reshape(m, m, m), self.config.seed_min_component_fraction).reshape(-1)
         sdf = redistanced_sdf(pts, self.config.grid_resolution + 1, inside, density_fn, threshold, self.spacing)
         self.sdf.copy_(sdf.to(self.sdf.dtype))
         self.deformation.zero_()
