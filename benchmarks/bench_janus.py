@@ -19,7 +19,9 @@ front-biased like a real text-to-image model:
 Per method (mean over seeds): PSNR and mask IoU against exact renders over all evaluation views
 (evenly spaced azimuths at elevation 15) and over the back half (|azimuth| > 90), and the Janus
 rate: the fraction of back-half views whose render is closer (MSE) to the canonical front render
-(azimuth 0, same elevation and distance) than to the true view. Prints the machine, a table and
+(azimuth 0, same elevation and distance) than to the true view, and its graded form: the mean
+over back-half views of MSE(render, front) / MSE(render, truth) (below 1: a front painted on the
+back; near 1: a ghost halfway between; large: the true back). Prints the machine, a table and
 writes a JSON file; ``--gif`` writes a turntable strip (reference and every method side by side,
 seed 0). Guidance scale 1 (diffusers convention) for every method: the only scale at which an
 oracle's fixed point is its data mean (oracle.py), so the methods differ by their conditioning only.
@@ -135,6 +137,8 @@ def score(representation, scene, n_views: int, resolution: int, elevation: float
         "psnr_back": mean(back, "psnr"),
         "mask_iou_back": mean(back, "mask_iou"),
         "janus_rate": sum(v["mse_front"] < v["mse_true"] for v in back) / len(back),
+        # graded: how much farther the back renders are from the front than from the truth (< 1: Janus)
+        "front_true_ratio_back": sum(v["mse_front"] / max(v["mse_true"], 1e-12) for v in back) / len(back),
         "views": views,
     }
 
@@ -254,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
             if frames is not None:
                 gif_columns.append((method.name, frames))
             print(f"  {method.name} seed {seed}: janus {r['janus_rate']:.2f}, PSNR {r['psnr']:.2f} (back {r['psnr_back']:.2f}), {r['seconds']:.0f} s", flush=True)
-        keys = ("psnr", "mask_iou", "psnr_back", "mask_iou_back", "janus_rate", "seconds")
+        keys = ("psnr", "mask_iou", "psnr_back", "mask_iou_back", "janus_rate", "front_true_ratio_back", "seconds")
         results[method.name] = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in keys}
         results[method.name]["per_seed"] = per_seed
     print()
-    print(f"| method | PSNR all | IoU all | PSNR back | IoU back | Janus rate | s/run |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | PSNR all | IoU all | PSNR back | IoU back | Janus rate | MSE front:true, back | s/run |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['psnr']:.2f} | {r['mask_iou']:.3f} | {r['psnr_back']:.2f} | {r['mask_iou_back']:.3f} | {r['janus_rate']:.2f} | {r['seconds']:.0f} |")
+        print(f"| {name} | {r['psnr']:.2f} | {r['mask_iou']:.3f} | {r['psnr_back']:.2f} | {r['mask_iou_back']:.3f} | {r['janus_rate']:.2f} | {r['front_true_ratio_back']:.2f} | {r['seconds']:.0f} |")
     for note in notes:
         print(f"note: {note}")
     payload = {

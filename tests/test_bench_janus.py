@@ -25,7 +25,7 @@ def test_quick_run_scores_text_and_zero123_methods(tmp_path):
     assert payload["seeds"] == [0] and payload["notes"] == []
     assert set(payload["methods"]) == {"sds-plain", "oracle-zero123"}
     for result in payload["methods"].values():
-        assert 0.0 <= result["janus_rate"] <= 1.0 and 0.0 <= result["mask_iou"] <= 1.0
+        assert 0.0 <= result["janus_rate"] <= 1.0 and 0.0 <= result["mask_iou"] <= 1.0 and result["front_true_ratio_back"] > 0
         assert len(result["per_seed"][0]["views"]) == 4
     assert (tmp_path / "runs" / "input.png").exists()  # the Zero123 input render
     frames = iio.imread(gif, index=None)
