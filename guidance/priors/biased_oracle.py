@@ -70,15 +70,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distill3d.engine.cameras import Cameras, make_cameras
 from distill3d.engine.errors import UserError
-from distill3d.engine.interfaces import BuildContext, Condition, Prior, RenderOutput
+from distill3d.engine.interfaces import BuildContext, Condition, RenderOutput
 from distill3d.engine.reference_scene import DEFAULT_SCENE
 from distill3d.engine.references import load_reference
-from distill3d.guidance.priors.oracle import scaled_linear_alphas_cumprod
+from distill3d.guidance.priors.oracle import PixelSpacePrior, scaled_linear_alphas_cumprod
 from distill3d.guidance.view_prompts import BACK, DIRECTIONS, FRONT, OVERHEAD, SIDE, DirectionThresholds, ViewConditions, view_directions
 
 COMPONENTS: tuple[str, ...] = ("true", "front", "side", "back", "overhead")
@@ -165,7 +164,7 @@ def canonical_cameras(cameras: Cameras, overhead_view_elevation: float) -> list[
     return [cameras] + [make_cameras(e.cpu(), a.cpu(), dist.cpu(), fovy.cpu()).to(cameras.device) for e, a in views]
 
 
-class BiasedOraclePrior(Prior):
+class BiasedOraclePrior(PixelSpacePrior):
     """Front-biased Gaussian-mixture oracle in pixel space [-1, 1] (see the module docstring)."""
 
     Config = BiasedOracleConfig
@@ -184,20 +183,7 @@ class BiasedOraclePrior(Prior):
         self._last_render: RenderOutput | None = None
         self._bound: tuple[Tensor, Tensor] | None = None  # means (B, K, 3, h, w), buckets (B,)
 
-    # ----- images ---------------------------------------------------------------------------
-    def _resize(self, images: Tensor) -> Tensor:
-        size = self.config.image_size
-        if size is None or tuple(images.shape[-2:]) == (size, size):
-            return images
-        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-
-    def encode_images(self, rgb: Tensor) -> Tensor:
-        return self._resize(rgb) * 2 - 1
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        return ((latents.float() + 1) / 2).clamp(0, 1)
-
+    # ----- images (pixel space: PixelSpacePrior) ---------------------------------------------
     def encode_render(self, out: RenderOutput) -> Tensor:
         self._last_render = out  # view_conditions() binds its cameras to this render's size and background
         return super().encode_render(out)

@@ -84,7 +84,27 @@ def scaled_linear_alphas_cumprod(beta_start: float, beta_end: float, num_train_t
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
 
 
-class OraclePrior(Prior):
+class PixelSpacePrior(Prior):
+    """A prior whose "latents" are the images themselves in [-1, 1] (at config.image_size when set):
+    the oracles' space, shared so encoding and decoding are written once."""
+
+    def _resize(self, images: Tensor) -> Tensor:
+        size = self.config.image_size
+        if size is None or tuple(images.shape[-2:]) == (size, size):
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+    def encode_images(self, rgb: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> [-1, 1], resized to image_size if set; differentiable."""
+        return self._resize(rgb) * 2 - 1
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """[-1, 1] pixels -> [0, 1] images (at image_size when set)."""
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+
+class OraclePrior(PixelSpacePrior):
     """Gaussian-around-the-exact-render prior in pixel space [-1, 1] (see the module docstring)."""
 
     Config = OracleConfig
@@ -105,21 +125,6 @@ class OraclePrior(Prior):
             scaled_linear_alphas_cumprod(config.beta_start, config.beta_end, config.num_train_timesteps),
             persistent=False,
         )
-
-    def _resize(self, images: Tensor) -> Tensor:
-        size = self.config.image_size
-        if size is None or tuple(images.shape[-2:]) == (size, size):
-            return images
-        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-
-    def encode_images(self, rgb: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> [-1, 1], resized to image_size if set; differentiable."""
-        return self._resize(rgb) * 2 - 1
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """[-1, 1] pixels -> [0, 1] images (at image_size when set)."""
-        return ((latents.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def reference_render(self, cameras: Cameras, height: int, width: int, background: Tensor | None = None) -> RenderOutput:
