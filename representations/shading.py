@@ -56,6 +56,27 @@ def render_shading(settings, config: ShadingConfig, camera_positions: Tensor) ->
     return mode, light_directions(camera_positions, config.light_jitter_deg, settings.training)
 
 
+def shading_extras(mode: str, light: Tensor, config: ShadingConfig) -> dict:
+    """What a render records in RenderOutput.extras about its shading, so a pixel-space prior (the
+    oracle) can shade its exact reference render the same way (shade_like_render)."""
+    return {"shading": mode, "light": light, "shading_config": config}
+
+
+def shade_like_render(extras: dict, albedo: Tensor, normals: Tensor | None) -> Tensor:
+    """albedo (B, H, W, 3) shaded as the render whose extras are given (shading_extras): its mode,
+    its lights (B, 3), its ambient/diffuse. Renders without a "shading" entry count as albedo."""
+    mode = extras.get("shading", "albedo")
+    if mode == "albedo":
+        return albedo
+    if "light" not in extras:
+        raise ValueError(
+            f"the render is shaded {mode!r} but its extras carry no 'light': a representation that shades "
+            "must record representations.shading.shading_extras(mode, light, config) in RenderOutput.extras"
+        )
+    light = extras["light"].to(albedo).view(-1, *([1] * (albedo.dim() - 2)), 3)
+    return shade(albedo, normals, light, mode, extras.get("shading_config") or ShadingConfig())
+
+
 def shade(albedo: Tensor, normals: Tensor | None, light_dir: Tensor, mode: str, config: ShadingConfig) -> Tensor:
     """Colour per sample/pixel. albedo (..., 3); normals (..., 3) unit; light_dir broadcastable."""
     if mode == "albedo":

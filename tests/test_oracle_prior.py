@@ -121,6 +121,33 @@ def test_conditions_render_scene_over_the_renders_background():
     assert both["mean"].shape == (4, 3, h, w)
 
 
+def test_shaded_renders_get_the_exact_render_shaded_the_same_way():
+    from distill3d.representations.shading import ShadingConfig, shading_extras
+
+    prior = make_prior()
+    cams = orbit_cameras(2, elevation=15, distance=3.2, fovy=42.5)
+    h, w = 24, 32
+    light = torch.nn.functional.normalize(torch.tensor([[0.3, 0.8, 0.5], [-0.6, 0.2, 0.7]]), dim=-1)
+    config = ShadingConfig(ambient=0.2, diffuse=0.7)
+    exact = prior.scene.render(cams, h, w)
+    hit = exact.opacity[..., 0] > 0.5
+    lambert = (exact.normal * light.view(2, 1, 1, 3)).sum(-1, keepdim=True).clamp_min(0)
+    for mode, expected in (("textureless", (0.2 + 0.7 * lambert).expand(-1, -1, -1, 3)), ("lambertian", exact.rgb * (0.2 + 0.7 * lambert))):
+        out = fake_render(torch.rand(2, h, w, 3))
+        out.extras.update(shading_extras(mode, light, config))
+        mu = prior.conditions(cams, out)[0]["mean"].permute(0, 2, 3, 1)
+        assert torch.allclose(mu[hit], expected[hit] * 2 - 1, atol=1e-5), mode
+        assert torch.allclose(mu[~hit], torch.ones_like(mu[~hit]), atol=1e-6)  # the render's white background
+    # albedo renders (and renders that say nothing) keep the unlit exact render
+    plain = prior.conditions(cams, fake_render(torch.rand(2, h, w, 3)))[0]["mean"].permute(0, 2, 3, 1)
+    assert torch.allclose(plain[hit], exact.rgb[hit] * 2 - 1, atol=1e-6)
+    # a shaded render that does not say where its light was is an error, not a silent mismatch
+    out = fake_render(torch.rand(2, h, w, 3))
+    out.extras["shading"] = "lambertian"
+    with pytest.raises(ValueError, match="no 'light'"):
+        prior.conditions(cams, out)
+
+
 def test_image_size_resizes_renders_and_means():
     prior = make_prior(image_size=16)
     cams = orbit_cameras(2)

@@ -36,6 +36,10 @@ plumbing), not a learned prior. The zero-mean noise term vanishes as s -> 0.
 Conditions are dicts ``{"mean": (B, 3, h, w)}``; the conditional mean is rendered at the
 training render's resolution over the training render's own background, so the oracle agrees
 with whatever background the representation composited (random or learned backgrounds included).
+It is also shaded as the training render was (``RenderOutput.extras``: shading mode, lights,
+ambient/diffuse; representations/shading.py): a Lambertian or textureless render is compared with
+the exact scene lit by the same light, as a real diffusion model sees shading in its images.
+Unlit (albedo) renders, the default, are compared with the unlit scene.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from distill3d.engine.cameras import Cameras
 from distill3d.engine.interfaces import BuildContext, Condition, Prior, RenderOutput
 from distill3d.engine.reference_scene import DEFAULT_SCENE
 from distill3d.engine.references import load_reference
+from distill3d.representations.shading import shade_like_render
 
 
 @dataclass
@@ -132,14 +137,28 @@ class OraclePrior(PixelSpacePrior):
         return self.scene.render(cameras, height, width, background=background)
 
     @torch.no_grad()
+    def exact_render_like(self, cameras: Cameras, out: RenderOutput, background: Tensor | None) -> Tensor:
+        """The exact render (B, H, W, 3) at out's size, shaded as out was (its extras' shading mode,
+        lights, ambient/diffuse; albedo renders stay albedo): a real diffusion model sees shading,
+        and shaded views are what tell a flat face from a wavy one inside the silhouette."""
+        b, h, w = out.rgb.shape[:3]
+        if out.extras.get("shading", "albedo") == "albedo":
+            return self.scene.render(cameras, h, w, background=background).rgb
+        ref = self.scene.render(cameras, h, w, background=torch.zeros(1, 1, 1, 3))
+        mask = ref.opacity
+        colour = shade_like_render(out.extras, ref.rgb, ref.normal)
+        under = torch.ones_like(colour) if background is None else background.to(colour.device, colour.dtype).expand_as(colour)
+        return colour * mask + (1 - mask) * under
+
+    @torch.no_grad()
     def conditions(self, cameras: Cameras, out: RenderOutput) -> tuple[Condition, Condition]:
         """({"mean": mu_c}, {"mean": mu_u}): the exact render at out's resolution over out's background."""
         b, h, w = out.rgb.shape[:3]
         if len(cameras) != b:
             raise ValueError(f"oracle conditions: {len(cameras)} cameras for a batch of {b} renders")
         background = None if out.background is None else out.background.detach()
-        ref = self.scene.render(cameras, h, w, background=background)
-        mean = self.encode_images(ref.rgb.permute(0, 3, 1, 2).to(out.rgb.device, torch.float32))
+        rgb = self.exact_render_like(cameras, out, background)
+        mean = self.encode_images(rgb.permute(0, 3, 1, 2).to(out.rgb.device, torch.float32))
         gray = 2.0 * self.config.unconditional_gray - 1.0
         return {"mean": mean}, {"mean": torch.full_like(mean, gray)}
 

@@ -31,7 +31,7 @@ from distill3d.representations.mesh.cavities import DEFAULT_CLOSE_GAPS, fill_cav
 from distill3d.representations.mesh.mesh_io import sample_surface, vertex_normals
 from distill3d.representations.mesh.rasterizer import antialias, face_adjacency, interpolate, project, rasterize
 from distill3d.representations.fields import HashGridSettings, hash_grid, mlp
-from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
+from distill3d.representations.shading import ShadingConfig, render_shading, shade, shading_extras, validate_mix
 
 __all__ = ["DMTet", "DMTetConfig", "drop_small_solids", "normal_consistency", "uniform_laplacian"]
 
@@ -284,7 +284,7 @@ class DMTet(Representation):
         background = self.background(dirs, settings.background)
         mode, light = render_shading(settings, c.shading, cameras.position)
         verts, faces = self.surface()
-        extras = {"shading": mode, "mesh_vertices": verts, "mesh_faces": faces, "num_faces": int(faces.shape[0])}
+        extras = {**shading_extras(mode, light, c.shading), "mesh_vertices": verts, "mesh_faces": faces, "num_faces": int(faces.shape[0])}
         want_normals = settings.need_normals or mode in ("lambertian", "textureless", "normal")
         if faces.shape[0] == 0:
             zeros = background.new_zeros(b, h, w, 1)

@@ -40,7 +40,7 @@ from distill3d.representations.gaussians.densify import AllGaussiansPrunedError,
 from distill3d.representations.gaussians.ply import SplatData, read_point_cloud, read_splat_ply, write_splat_ply
 from distill3d.representations.gaussians.rasterize import ALPHA_MIN, RasterSettings, quat_to_rotmat
 from distill3d.representations.gaussians.sh import clamp_colors, eval_sh, num_coefficients, rgb_to_sh0, sh0_to_rgb
-from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
+from distill3d.representations.shading import ShadingConfig, render_shading, shade, shading_extras, validate_mix
 
 RESIZABLE = ("means", "log_scales", "quats", "opacity_logits", "sh_dc", "sh_rest")
 STATS = ("grad_sum", "grad_count", "max_radius")
@@ -291,7 +291,7 @@ class Gaussians(Representation):
         opacity = torch.stack(alphas)
         rgb = img[..., :3] + (1 - opacity) * background
         normal = img[..., 4:7] if want_normals else None
-        extras = {"shading": mode, "gaussian_views": views, "num_gaussians": self.count}
+        extras = {**shading_extras(mode, light, c.shading), "gaussian_views": views, "num_gaussians": self.count}
         return RenderOutput(rgb=rgb, opacity=opacity, depth=img[..., 3:4], background=background, normal=normal, extras=extras)
 
     # ----- optimisation ----------------------------------------------------------------------

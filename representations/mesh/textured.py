@@ -32,7 +32,7 @@ from distill3d.engine.schedules import ScheduleSpec
 from distill3d.representations.background import Background, BackgroundConfig
 from distill3d.representations.mesh.mesh_io import Mesh, load_mesh, vertex_normals
 from distill3d.representations.mesh.render import DEFAULT_GREY, render_mesh
-from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
+from distill3d.representations.shading import ShadingConfig, render_shading, shade, shading_extras, validate_mix
 
 __all__ = ["TexturedMesh", "TexturedMeshConfig", "texture_from_vertex_colors"]
 
@@ -183,7 +183,7 @@ class TexturedMesh(Representation):
             self.mesh(), cameras, h, w, background=background, backend=c.rasterize_backend, need_normals=want_normals,
             near=c.near, far=c.far, shade=shader,
         )
-        out.extras.update({"shading": mode, "num_faces": int(self.faces.shape[0])})
+        out.extras.update({**shading_extras(mode, light, c.shading), "num_faces": int(self.faces.shape[0])})
         return out
 
     def param_groups(self) -> list[dict]:

@@ -25,7 +25,7 @@ from distill3d.representations.background import Background, BackgroundConfig
 from distill3d.representations.fields import HashGridSettings, hash_grid, mlp
 from distill3d.representations.nerf.occupancy import OccupancyConfig, OccupancyGrid
 from distill3d.representations.nerf.rendering import Samples, ray_sphere_bounds
-from distill3d.representations.shading import ShadingConfig, render_shading, shade, validate_mix
+from distill3d.representations.shading import ShadingConfig, render_shading, shade, shading_extras, validate_mix
 
 
 def normal_smoothness_2d(normal: Tensor, opacity: Tensor, kernel: int = 5) -> Tensor:
@@ -226,7 +226,7 @@ class HashGridNeRF(Representation):
         depth = torch.cat([x.depth for x in chunks]).view(b, h, w, 1)
         normal = torch.cat([x.normal for x in chunks]).view(b, h, w, 3) if chunks[0].normal is not None else None
         rgb = rgb + (1 - opacity) * background
-        extras = {"shading": mode}
+        extras = shading_extras(mode, light, c.shading)
         if orientation is not None:
             extras["orientation"] = orientation
         return RenderOutput(rgb=rgb, opacity=opacity, depth=depth, background=background, normal=normal, extras=extras)
